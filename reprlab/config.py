@@ -1,0 +1,294 @@
+"""Typed run configuration: frozen dataclasses per stage, loaded from YAML and validated.
+
+An unknown or misspelled key, or a value of the wrong type, is an error naming the key, the file and the valid
+choices. Overrides use dotted paths: ``optim.lr=0.3 train.epochs=5 encoder=runs/simclr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images to use. ``name``: digits | npz:<dir> | folder:<dir> | cifar10 | cifar100 | stl10 | mnist |
+    fashion_mnist."""
+
+    name: str = "digits"
+    root: str = "data"  # where torchvision datasets live (and are downloaded to when download: true)
+    download: bool = False
+    val_fraction: float = 0.1  # carved from train, stratified, when the dataset has no val split
+    image_size: int | None = None  # folder datasets are resized to this (default 64); others keep native size
+    limit: int | None = None  # keep only the first N training images (stratified), for quick runs
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """An encoder from torchvision (``resnet18``), timm (``timm:<model>``) or transformers (``hf:<id or dir>``)."""
+
+    name: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None  # a local weights file, or a torchvision weights name such as IMAGENET1K_V1
+    kwargs: dict = field(default_factory=dict)  # e.g. {cifar_stem: true} or timm/HF model arguments
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule; the schedule is stepped once per optimizer step."""
+
+    name: str = "sgd"  # sgd | adagrad | rmsprop | adam | adamw | lars
+    lr: float = 0.06
+    lr_scaling: str = "none"  # none | linear (lr * B / 256) | sqrt (lr * sqrt(B))
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    exclude_bn_bias: bool = True  # no weight decay (and no LARS adaptation) for BatchNorm and bias parameters
+    betas: tuple[float, float] = (0.9, 0.999)
+    trust_coefficient: float = 0.001  # LARS
+    schedule: str = "cosine"  # constant | step | exponential | cosine | onecycle
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    step_epochs: float | None = None  # step schedule: decay every this many epochs
+    gamma: float = 0.1  # step / exponential decay factor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop shared by pretraining and fine-tuning."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:1
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    grad_clip: float | None = None
+    log_every: int = 20  # steps between metric lines (the only host syncs in the loop)
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    resume: bool = True  # continue from runs/<name>/state.pt when it exists
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Signals computed during pretraining every ``every_epochs`` epochs."""
+
+    every_epochs: int = 1  # 0 disables
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    max_images: int = 10000  # cap the bank size used by the online kNN monitor
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """``name`` picks a pretraining method from reprlab.ssl.METHODS; ``params`` are its keyword arguments."""
+
+    name: str = "simclr"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    name: str = "pretrain"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``name`` picks a fine-tuning policy from reprlab.finetune.POLICIES; ``params`` are its arguments."""
+
+    name: str = "linear_probe"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    dropout: float = 0.0
+    init: str = "zeros"  # zeros | xavier | he | default
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Fine-tuning augmentation, batched on the device."""
+
+    crop_scale: tuple[float, float] | None = (0.35, 1.0)  # null disables the random resized crop
+    flip_p: float = 0.5
+    rotation_degrees: float = 0.0
+    jitter_strength: float = 0.0
+    cutout_p: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    name: str = "finetune"
+    out_dir: str = "runs"
+    encoder: str = "random"  # a pretraining run directory, or "random" (an untrained `arch`)
+    arch: EncoderConfig = field(default_factory=EncoderConfig)  # used when encoder is "random"
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128))
+    label_smoothing: float = 0.0
+    l1_penalty: float = 0.0
+    label_fraction: float | None = None  # keep this fraction of the training labels, stratified
+    labels_per_class: int | None = None  # or exactly this many per class (k-shot)
+    early_stopping_patience: int | None = None  # epochs without val improvement; restores the best weights
+    seeds: list = field(default_factory=lambda: [0])
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    k: int = 20
+    temperature: float = 0.07
+    backend: str = "faiss"  # faiss | torch
+    select_on_val: bool = False  # choose k and temperature on the validation split from `ks` x `temperatures`
+    ks: list = field(default_factory=lambda: [10, 20, 50, 100, 200])
+    temperatures: list = field(default_factory=lambda: [0.02, 0.05, 0.07, 0.1, 0.2, 0.5])
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    name: str = "evaluate"
+    out_dir: str = "runs"
+    encoders: list = field(default_factory=lambda: ["random", "pixels"])  # run dirs, "random", "pixels"
+    arch: EncoderConfig = field(default_factory=EncoderConfig)  # for "random" when no run dir gives one
+    data: DataConfig = field(default_factory=DataConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear_probe: bool = True
+    batch_size: int = 512
+    device: str = "auto"
+    cache_features: bool = True
+    seed: int = 0
+
+
+T = TypeVar("T")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        return isinstance(value, (list, tuple)) and all(
+            _type_ok(v, a) for v, a in zip(value, typing.get_args(annotation) or [Any] * len(value))
+        )
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, annotation)
+
+
+def _build(cls: type[T], raw: Any, where: str, source: str) -> T:
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where or 'config'}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{source}: unknown key {key!r}; valid keys here: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key, source)
+            continue
+        if not _type_ok(value, hint):
+            type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+            raise ConfigError(f"{source}: {key!r} must be {type_name}, got {value!r}")
+        if typing.get_origin(hint) is tuple or (
+            typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, list)
+        ):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=0.3", "encoders=[runs/a, random]"]`` -> ``[("optim.lr", 0.3), ...]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=5")
+        key, text = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(text) if text else None))
+    return parsed
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read ``path`` (YAML) into ``cls``, apply ``key=value`` overrides, validate every key and type."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {source!r} does not exist")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    if overrides:
+        source += f" (with overrides {' '.join(overrides)})"
+    return _build(cls, raw, "", source)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain, YAML-safe dict (tuples become lists) of a config dataclass."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

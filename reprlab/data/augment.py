@@ -1,0 +1,499 @@
+"""Batched image augmentations that run on the training device, a whole batch at a time.
+
+Every function takes images (B, C, H, W) with C in {1, 3}, uint8 or float in [0, 1], on any device, and returns
+float32 in [0, 1] on the same device. Per-sample parameters are drawn with torch ops, from `generator` when given
+(so a seeded CPU run is bit-for-bit repeatable) or from the global RNG. There is no per-sample Python loop and
+no PIL: one view of 256 CIFAR images costs a few milliseconds on two CPU cores.
+
+What differs from the torchvision transforms these mirror:
+- crops, resizes and rotations use bilinear `grid_sample` without antialiasing (torchvision v2 antialiases when
+  it downscales); rotations fill with zeros as torchvision's default does, but interpolate bilinearly;
+- colour jitter applies brightness, contrast, saturation, hue in that fixed order (torchvision draws a random order
+  per image) as one per-sample 3x3 matrix plus offset with a single clamp at the end (torchvision clamps after each
+  step), and shifts hue by a rotation about RGB's grey axis, a linear stand-in for torchvision's HSV hue shift
+  (see `adjust_color`);
+- 1-channel images: saturation, hue and grayscale are no-ops (as in torchvision), brightness and contrast apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma); shared by grayscale, saturation and contrast.
+LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+# --------------------------------------------------------------------------------------------- input and RNG
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 images -> float32 in [0, 1]; float images -> float32 (no copy when already float32)."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}; convert them first")
+    return images.float()
+
+
+def _as_batch(images: Tensor) -> Tensor:
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"images must be (B, C, H, W) with C in {{1, 3}}, got shape {tuple(images.shape)}; "
+            "add a batch dimension or move channels first"
+        )
+    return to_float(images)
+
+
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None,
+             low: float = 0.0, high: float = 1.0) -> Tensor:
+    """U[low, high) on like's device; drawn on the generator's device so a CPU generator also drives CUDA runs."""
+    device = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=device)
+    return (low + (high - low) * u).to(like.device)  # exactly `low` when high == low
+
+
+def _coin(batch: int, p: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(B,) bool, True with probability p (p=1 is always True since U < 1)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"probability must be in [0, 1], got {p}")
+    return _uniform((batch,), like, generator) < p
+
+
+def _randperm(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randperm(n, generator=generator, device=device).to(like.device)
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _crop_boxes(x: Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+                generator: torch.Generator | None, attempts: int = 10) -> Tensor:
+    """Per-sample integer crop boxes (B, 4) = (top, left, height, width), float, as RandomResizedCrop.get_params.
+
+    torchvision tries up to 10 (area, aspect) draws and keeps the first that fits, else falls back to a central
+    crop with the aspect ratio clamped into `ratio`; here all attempts are drawn at once and the first valid one
+    is picked per sample.
+    """
+    batch, _, height, width = x.shape
+    if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale=}, {ratio=}")
+    area = height * width
+    target_area = area * _uniform((batch, attempts), x, generator, scale[0], scale[1])  # (B, attempts)
+    aspect = torch.exp(_uniform((batch, attempts), x, generator, math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, attempts)
+    first = valid.int().argmax(dim=1, keepdim=True)  # first valid attempt (0 when none is)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)  # (B,)
+    found = valid.any(dim=1)
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = round(height * max(ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w, float(fallback_w))
+    h = torch.where(found, h, float(fallback_h))
+    # floor(U * (n + 1)) is randint(0, n + 1); the clamp guards float rounding at U -> 1
+    top = torch.minimum(torch.floor(_uniform((batch,), x, generator) * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(_uniform((batch,), x, generator) * (width - w + 1)), width - w)
+    top = torch.where(found, top, float((height - fallback_h) // 2))
+    left = torch.where(found, left, float((width - fallback_w) // 2))
+    return torch.stack([top, left, h, w], dim=1)  # (B, 4)
+
+
+def _resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None) -> Tensor:
+    """Crop boxes (B, 4) = (top, left, height, width) in pixels and resize to size, bilinear, one grid_sample.
+
+    A horizontal flip is folded into the sampling grid (mirrored x axis), so it costs nothing.
+    """
+    batch, channels, height, width = x.shape
+    top, left, box_h, box_w = boxes.unbind(dim=1)  # (B,) each
+    # With align_corners=False, output pixel centre u in [-1, 1] maps to input (2 * left + box_w * (u + 1)) / W - 1
+    scale_x = box_w / width
+    if flip is not None:
+        scale_x = torch.where(flip, -scale_x, scale_x)
+    zeros = torch.zeros_like(scale_x)
+    theta = torch.stack([
+        torch.stack([scale_x, zeros, (2 * left + box_w) / width - 1], dim=1),
+        torch.stack([zeros, box_h / height, (2 * top + box_h) / height - 1], dim=1),
+    ], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [batch, channels, size[0], size[1]], align_corners=False)  # (B, h, w, 2)
+    # border padding: samples between the box edge and the first pixel centre repeat the edge, as resize does
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(x: Tensor, size: int | tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample RandomResizedCrop (Szegedy et al., 2015) -> (B, C, *size); bilinear, no antialiasing."""
+    x = _as_batch(x)
+    return _resized_crop(x, _crop_boxes(x, scale, ratio, generator), _pair(size))
+
+
+def random_horizontal_flip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+    """Mirror each image left-right with probability p."""
+    x = _as_batch(x)
+    flip = _coin(x.shape[0], p, x, generator)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image counter-clockwise by degrees (B,) about its centre; bilinear, zero fill, same size."""
+    batch, channels, height, width = x.shape
+    radians = torch.deg2rad(degrees)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    # inverse map in pixel units, rescaled to normalized coordinates (which differ per axis when H != W)
+    theta = torch.stack([
+        torch.stack([cos, -sin * height / width, torch.zeros_like(cos)], dim=1),
+        torch.stack([sin * width / height, cos, torch.zeros_like(cos)], dim=1),
+    ], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [batch, channels, height, width], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotation(x: Tensor, degrees: float, generator: torch.Generator | None = None) -> Tensor:
+    """Rotate each image by an angle ~ U[-degrees, degrees] (counter-clockwise positive); corners filled with 0."""
+    x = _as_batch(x)
+    if degrees < 0:
+        raise ValueError(f"degrees must be >= 0 (angles are drawn from [-degrees, degrees]), got {degrees}")
+    return _rotate(x, _uniform((x.shape[0],), x, generator, -degrees, degrees))
+
+
+def cutout(x: Tensor, size_fraction: float = 0.5, p: float = 1.0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Cutout (DeVries & Taylor, 2017): zero a (fraction*H, fraction*W) box centred uniformly, clipped at borders."""
+    x = _as_batch(x)
+    if not 0.0 < size_fraction <= 1.0:
+        raise ValueError(f"size_fraction must be in (0, 1], got {size_fraction}")
+    batch, _, height, width = x.shape
+    cut_h, cut_w = max(1, round(size_fraction * height)), max(1, round(size_fraction * width))
+    top = torch.floor(_uniform((batch,), x, generator) * height) - cut_h // 2  # (B,)
+    left = torch.floor(_uniform((batch,), x, generator) * width) - cut_w // 2
+    apply = _coin(batch, p, x, generator)
+    rows = torch.arange(height, device=x.device)
+    cols = torch.arange(width, device=x.device)
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + cut_h)  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + cut_w)  # (B, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]  # (B, H, W)
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------------------------- colour
+
+
+def _luma(x: Tensor) -> Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W), the same arithmetic as torchvision's rgb_to_grayscale."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(LUMA_WEIGHTS[0]).add_(g, alpha=LUMA_WEIGHTS[1]).add_(b, alpha=LUMA_WEIGHTS[2]).unsqueeze(1)
+
+
+def _hue_rotation(hue: Tensor) -> Tensor:
+    """(B,) hue factors -> (B, 3, 3) rotations by hue * 360 degrees about the grey axis (1, 1, 1) / sqrt(3).
+
+    Rodrigues' formula I + sin(t) K + (1 - cos(t)) K^2 with K the cross-product matrix of the axis; exactly I at
+    t = 0, and at t = 120 degrees it maps red -> green -> blue, as HSV hue does.
+    """
+    angle = (2 * math.pi * hue)[:, None, None]  # (B, 1, 1)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=hue.device) / math.sqrt(3)
+    return torch.eye(3, device=hue.device) + torch.sin(angle) * cross + (1 - torch.cos(angle)) * (cross @ cross)
+
+
+def _color_transform(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor, hue: Tensor,
+                     needs_mean: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-sample (matrix (B, C, C), offset (B, C, 1)) with jitter(x) = clamp(matrix @ x + offset, 0, 1).
+
+    Composition of, in order, brightness x -> b x, contrast x -> k x + (1 - k) mean_grey(x),
+    saturation x -> s x + (1 - s) grey(x) and a hue rotation about the grey axis; all are linear in RGB
+    except contrast's offset, which depends only on the image's mean grey level (skipped when needs_mean is
+    False, i.e. every contrast factor is 1).
+    """
+    batch, channels = x.shape[:2]
+    scale = (brightness * contrast)[:, None, None]  # (B, 1, 1)
+    if channels == 1:
+        mean_grey = x.mean(dim=(1, 2, 3)) if needs_mean else torch.zeros_like(brightness)  # (B,)
+        offset = ((1 - contrast) * brightness * mean_grey)[:, None, None]  # (B, 1, 1)
+        return scale, offset
+    mean_grey = _luma(x.mean(dim=(2, 3), keepdim=True)).flatten() if needs_mean else torch.zeros_like(brightness)
+    eye = torch.eye(3, device=x.device)
+    grey_projection = torch.tensor(LUMA_WEIGHTS, device=x.device).expand(3, 3)  # row i = luma weights
+    s = saturation[:, None, None]
+    saturation_matrix = s * eye + (1 - s) * grey_projection  # (B, 3, 3)
+    colour = _hue_rotation(hue) @ saturation_matrix  # (B, 3, 3)
+    grey_offset = ((1 - contrast) * brightness * mean_grey)[:, None, None].expand(batch, 3, 1)
+    return colour * scale, colour @ grey_offset  # (B, 3, 3), (B, 3, 1)
+
+
+def _apply_color_transform(x: Tensor, matrix: Tensor, offset: Tensor) -> Tensor:
+    batch, channels, height, width = x.shape
+    out = torch.baddbmm(offset, matrix, x.reshape(batch, channels, height * width))  # (B, C, H*W)
+    return out.clamp_(0.0, 1.0).view(batch, channels, height, width)
+
+
+def adjust_color(x: Tensor, brightness_factor: Tensor | float = 1.0, contrast_factor: Tensor | float = 1.0,
+                 saturation_factor: Tensor | float = 1.0, hue_factor: Tensor | float = 0.0) -> Tensor:
+    """Deterministic fused colour jitter with explicit per-sample factors (scalars or (B,) tensors).
+
+    Brightness, contrast and saturation equal torchvision's adjust_* wherever torchvision would not clamp between
+    steps. hue_factor in [-0.5, 0.5] rotates colours by hue_factor * 360 degrees about the grey axis. Like
+    torchvision's HSV hue shift it leaves greys alone, turns the same way, and moves the HSV hue by hue_factor
+    on average (exactly at multiples of 1/6 for primaries); it keeps the channel mean where HSV keeps the max
+    channel and saturation, so pixels differ by a few percent. Measured on saturated colours, the HSV hue moved
+    by hue_factor +- 0.004 (std), against +- 0.015..0.04 for the YIQ rotation often used for this, which is why
+    the grey axis is used rather than YIQ.
+    """
+    x = _as_batch(x)
+    factors = [torch.as_tensor(f, dtype=torch.float32, device=x.device).expand(x.shape[0])
+               for f in (brightness_factor, contrast_factor, saturation_factor, hue_factor)]
+    return _apply_color_transform(x, *_color_transform(x, *factors))
+
+
+def color_jitter(x: Tensor, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                 hue: float = 0.1, p: float = 0.8, generator: torch.Generator | None = None) -> Tensor:
+    """RandomApply(ColorJitter) per sample, fused into one pass (fixed order, one clamp; see adjust_color).
+
+    Factors are drawn as torchvision does: brightness/contrast/saturation ~ U[max(0, 1 - v), 1 + v],
+    hue ~ U[-hue, hue]; images not selected (probability 1 - p) keep identity factors.
+    """
+    x = _as_batch(x)
+    if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5:
+        raise ValueError(f"need brightness, contrast, saturation >= 0 and hue in [0, 0.5], got "
+                         f"{brightness=}, {contrast=}, {saturation=}, {hue=}")
+    if p == 0 or brightness == contrast == saturation == hue == 0:
+        return x
+    batch = x.shape[0]
+    apply = _coin(batch, p, x, generator)
+    factors = [_uniform((batch,), x, generator, max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
+    factors.append(_uniform((batch,), x, generator, -hue, hue))
+    identity = (1.0, 1.0, 1.0, 0.0)
+    factors = [torch.where(apply, f, neutral) for f, neutral in zip(factors, identity)]
+    return _apply_color_transform(x, *_color_transform(x, *factors, needs_mean=contrast > 0))
+
+
+def random_grayscale(x: Tensor, p: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each RGB image by its ITU-R 601 luma (kept as 3 channels) with probability p; C=1 passes through."""
+    x = _as_batch(x)
+    apply = _coin(x.shape[0], p, x, generator)
+    if x.shape[1] == 1:
+        return x
+    return torch.where(apply[:, None, None, None], _luma(x).expand_as(x), x)
+
+
+# --------------------------------------------------------------------------------------------- blur
+
+
+def _default_kernel_size(height: int, width: int) -> int:
+    """About 10% of the image side, odd, at least 3 (SimCLR: 23 for 224 px)."""
+    size = max(3, int(0.1 * min(height, width)))
+    return size if size % 2 else size + 1
+
+
+def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """(B,) sigmas -> (B, kernel_size) normalized 1-D kernels, sampled as torchvision's gaussian_blur does."""
+    half = (kernel_size - 1) * 0.5
+    t = torch.linspace(-half, half, kernel_size, device=sigma.device)  # (K,)
+    pdf = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # (B, K)
+    return pdf / pdf.sum(dim=1, keepdim=True)
+
+
+def _blur(x: Tensor, kernels: Tensor) -> Tensor:
+    """Separable blur with per-sample kernels (B, K): reflect padding, two grouped convolutions."""
+    batch, channels, height, width = x.shape
+    kernel_size = kernels.shape[1]
+    pad = kernel_size // 2
+    if pad >= min(height, width):
+        raise ValueError(f"kernel_size {kernel_size} too large for {height}x{width} images; "
+                         f"use at most {2 * min(height, width) - 1}")
+    weight = kernels.repeat_interleave(channels, dim=0)  # (B*C, K): one group per (image, channel)
+    flat = F.pad(x.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, weight[:, None, None, :], groups=batch * channels)  # (1, B*C, H+2p, W)
+    flat = F.conv2d(flat, weight[:, None, :, None], groups=batch * channels)  # (1, B*C, H, W)
+    return flat.view(batch, channels, height, width)
+
+
+def gaussian_blur(x: Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0),
+                  kernel_size: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian blur with sigma ~ U[sigma] per sample, applied with probability p (SimCLR's blur)."""
+    x = _as_batch(x)
+    if kernel_size is None:
+        kernel_size = _default_kernel_size(*x.shape[-2:])
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    if not 0 < sigma[0] <= sigma[1]:
+        raise ValueError(f"need 0 < sigma[0] <= sigma[1], got {sigma}")
+    batch = x.shape[0]
+    apply = _coin(batch, p, x, generator)
+    kernels = _gaussian_kernels(_uniform((batch,), x, generator, sigma[0], sigma[1]), kernel_size)  # (B, K)
+    # unselected images get a unit impulse, so one batched convolution leaves them exactly unchanged
+    impulse = F.one_hot(torch.tensor(kernel_size // 2, device=x.device), kernel_size).float()  # (K,)
+    return _blur(x, torch.where(apply[:, None], kernels, impulse))
+
+
+# --------------------------------------------------------------------------------------------- mixing
+
+
+def _log_gamma_sample(concentration: float, shape: tuple[int, ...], like: Tensor,
+                      generator: torch.Generator | None, tries: int = 16) -> Tensor:
+    """log of Gamma(concentration, 1) samples (Marsaglia & Tsang, 2000), vectorized over `tries` proposals.
+
+    torch.distributions cannot take a generator, so this keeps seeded runs repeatable. Each proposal is accepted
+    with probability > 0.95, so 16 all failing (then the first is used) has probability < 1e-20.
+    """
+    boosted = concentration < 1  # Gamma(a) = Gamma(a + 1) * U^(1/a)
+    a = concentration + 1 if boosted else concentration
+    d = a - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    device = generator.device if generator is not None else like.device
+    normal = torch.randn((*shape, tries), generator=generator, device=device)
+    uniform = torch.rand((*shape, tries), generator=generator, device=device)
+    v = (1 + c * normal) ** 3
+    log_v = torch.log(v.clamp_min(1e-30))
+    accept = (v > 0) & (torch.log(uniform) < 0.5 * normal**2 + d - d * v + d * log_v)
+    first = accept.int().argmax(dim=-1, keepdim=True)
+    log_sample = (math.log(d) + log_v).gather(-1, first).squeeze(-1)
+    if boosted:  # in log space: U^(1/a) underflows float32 for small a
+        log_sample = log_sample + torch.log1p(-torch.rand(shape, generator=generator, device=device)) / concentration
+    return log_sample.to(like.device)
+
+
+def _sample_beta(alpha: float, shape: tuple[int, ...], like: Tensor,
+                 generator: torch.Generator | None) -> Tensor:
+    """Beta(alpha, alpha) = G1 / (G1 + G2) = sigmoid(log G1 - log G2)."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    log_g1 = _log_gamma_sample(alpha, shape, like, generator)
+    log_g2 = _log_gamma_sample(alpha, shape, like, generator)
+    return torch.sigmoid(log_g1 - log_g2)
+
+
+def _soft_targets(targets: Tensor, num_classes: int) -> Tensor:
+    """Integer labels (B,) -> one-hot (B, num_classes); soft targets (B, num_classes) pass through as float."""
+    if targets.ndim == 2:
+        if targets.shape[1] != num_classes:
+            raise ValueError(f"soft targets have {targets.shape[1]} classes but num_classes={num_classes}")
+        return targets.float()
+    return F.one_hot(targets.long(), num_classes).float()
+
+
+def mixup(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
+          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """mixup (Zhang et al., 2018): lam ~ Beta(alpha, alpha) per batch, blend with a permuted batch.
+
+    Returns (lam * x + (1 - lam) * x[perm], lam * onehot(y) + (1 - lam) * onehot(y[perm])), rows summing to one.
+    """
+    x = _as_batch(x)
+    soft = _soft_targets(targets.to(x.device), num_classes)  # (B, K)
+    lam = _sample_beta(alpha, (), x, generator)  # scalar tensor, no host sync
+    perm = _randperm(x.shape[0], x, generator)
+    return torch.lerp(x[perm], x, lam), torch.lerp(soft[perm], soft, lam)
+
+
+def cutmix(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """CutMix (Yun et al., 2019): paste one box from a permuted batch; lam corrected to the clipped box's area."""
+    x = _as_batch(x)
+    soft = _soft_targets(targets.to(x.device), num_classes)  # (B, K)
+    _, _, height, width = x.shape
+    lam = _sample_beta(alpha, (), x, generator)
+    perm = _randperm(x.shape[0], x, generator)
+    cut_ratio = torch.sqrt(1 - lam)
+    half_h, half_w = torch.floor(height * cut_ratio) // 2, torch.floor(width * cut_ratio) // 2
+    centre_y = torch.floor(_uniform((), x, generator) * height)
+    centre_x = torch.floor(_uniform((), x, generator) * width)
+    top, bottom = (centre_y - half_h).clamp(0, height), (centre_y + half_h).clamp(0, height)
+    left, right = (centre_x - half_w).clamp(0, width), (centre_x + half_w).clamp(0, width)
+    rows = torch.arange(height, device=x.device)[:, None]  # (H, 1)
+    cols = torch.arange(width, device=x.device)[None, :]  # (1, W)
+    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)  # (H, W)
+    mixed = torch.where(box, x[perm], x)
+    lam = 1 - (bottom - top) * (right - left) / (height * width)  # share of pixels still from x
+    return mixed, torch.lerp(soft[perm], soft, lam)
+
+
+# --------------------------------------------------------------------------------------------- pipelines
+
+
+@dataclass
+class SimCLRAugment:
+    """One SimCLR view per call (Chen et al., 2020): crop + flip, colour jitter, grayscale, optional blur.
+
+    Jitter strength s gives brightness = contrast = saturation = 0.8 s and hue = 0.2 s. SimCLR blurs with
+    p = 0.5 on ImageNet and not at all on 32 px CIFAR (blur_p = 0, the default here).
+    """
+
+    size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    jitter_strength: float = 1.0
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = _as_batch(images)
+        flip = _coin(x.shape[0], self.flip_p, x, generator)
+        x = _resized_crop(x, _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator), _pair(self.size), flip)
+        strength = self.jitter_strength
+        x = color_jitter(x, 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength,
+                         p=self.jitter_p, generator=generator)
+        x = random_grayscale(x, self.grayscale_p, generator)
+        if self.blur_p > 0:
+            x = gaussian_blur(x, p=self.blur_p, generator=generator)
+        return x  # (B, C, size, size)
+
+    def views(self, images: Tensor, n: int = 2, generator: torch.Generator | None = None) -> list[Tensor]:
+        """n independent views of the same batch (the uint8 -> float conversion is done once)."""
+        x = _as_batch(images)
+        return [self(x, generator) for _ in range(n)]
+
+
+@dataclass
+class FinetuneAugment:
+    """Light supervised augmentation: random resized crop (or resize) + flip, optional rotation, jitter, cutout.
+
+    size=None keeps the input size; crop_scale=None disables cropping (images are only resized to size).
+    Jitter strength s is torchvision's common ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s), applied to every image.
+    Cutout zeroes a box of half the image side with probability cutout_p.
+    """
+
+    size: int | None = None
+    crop_scale: tuple[float, float] | None = (0.35, 1.0)
+    flip_p: float = 0.5
+    rotation_degrees: float = 0.0
+    jitter_strength: float = 0.0
+    cutout_p: float = 0.0
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = _as_batch(images)
+        batch, _, height, width = x.shape
+        size = (height, width) if self.size is None else _pair(self.size)
+        flip = _coin(batch, self.flip_p, x, generator)
+        if self.crop_scale is not None:
+            boxes = _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator)
+            x = _resized_crop(x, boxes, size, flip)
+        elif size != (height, width):
+            boxes = torch.tensor([0.0, 0.0, height, width], device=x.device).expand(batch, 4)
+            x = _resized_crop(x, boxes, size, flip)
+        else:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.rotation_degrees > 0:
+            x = random_rotation(x, self.rotation_degrees, generator)
+        if self.jitter_strength > 0:
+            strength = self.jitter_strength
+            x = color_jitter(x, 0.4 * strength, 0.4 * strength, 0.4 * strength, 0.1 * strength,
+                             p=1.0, generator=generator)
+        if self.cutout_p > 0:
+            x = cutout(x, 0.5, p=self.cutout_p, generator=generator)
+        return x

@@ -1,0 +1,349 @@
+"""Weighted k-nearest-neighbour evaluation on cached features.
+
+Protocol of InstDisc (Wu et al., 2018) and DINO ``eval_knn.py`` (Caron et al., 2021): L2-normalised features,
+cosine similarity, the k nearest bank items vote for their label with weight ``exp(sim / temperature)``.
+
+Differences from the peers' copies of that code (see design/peers.md section 5):
+- the search is chunked by a fixed number of queries, so 3 queries work as well as 3 million;
+- classes come from the **bank** labels (sorted unique values), so non-contiguous labels and classes absent
+  from the queries are fine;
+- ``k`` larger than the bank means "the whole bank", and top-5 with fewer than 5 classes means top-C;
+- leave-one-out (``exclude_self``) when the queries are the bank;
+- faiss (exact ``IndexFlatIP``, or IVF / HNSW for large banks; GPU when available) with a torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("faiss", "torch")
+INDEXES = ("flat", "ivf", "hnsw")
+# faiss GPU brute-force search supports k up to 2048; above that we stay on the CPU.
+_FAISS_GPU_MAX_K = 2048
+DEFAULT_TEMPERATURE = 0.07
+
+
+def as_tensor(x: Tensor | np.ndarray, dtype: torch.dtype | None = None) -> Tensor:
+    """Tensor view of ``x`` (numpy arrays are converted, tensors keep their device)."""
+    tensor = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def normalize_features(x: Tensor | np.ndarray) -> Tensor:
+    """float32, L2-normalised rows, so that inner product = cosine similarity."""
+    x = as_tensor(x, torch.float32)
+    if x.ndim != 2:
+        raise ValueError(
+            f"features must be 2-D (N, D), got shape {tuple(x.shape)}; flatten or pool them first"
+        )
+    return F.normalize(x, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def knn_search(
+    bank: Tensor | np.ndarray,
+    queries: Tensor | np.ndarray,
+    k: int,
+    backend: str = "faiss",
+    index: str = "flat",
+    exclude_self: bool = False,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Top-k cosine neighbours of ``queries`` in ``bank``.
+
+    Both inputs are L2-normalised here (``F.normalize``, float32), so callers may pass raw features.
+    Returns ``(similarities, indices)``, each (Q, k') sorted by decreasing similarity, on the queries' device,
+    with ``k' = min(k, N_bank)`` (``min(k, N_bank - 1)`` with ``exclude_self``): a ``k`` larger than the bank
+    returns the whole bank rather than failing.
+
+    backend: ``"faiss"`` (GPU when the queries are on CUDA and faiss sees a GPU, else CPU) or ``"torch"``
+        (exact reference: chunks of ``chunk_size`` queries, matmul + topk, on the queries' device).
+    index: faiss index type. ``"flat"`` is exact (``IndexFlatIP``). ``"ivf"`` (``IndexIVFFlat``, ``nlist``
+        defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and ``"hnsw"``
+        (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are approximate:
+        use ``measure_recall`` to check them. An approximate index may find fewer than k' items for a query;
+        those slots hold index -1 and similarity -inf.
+    exclude_self: leave-one-out when ``queries`` IS ``bank`` (row i is item i): searches one more neighbour and
+        drops each query's own index (by index, not by rank, so exact duplicates are handled).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
+    if index not in INDEXES:
+        raise ValueError(f"unknown index {index!r}; choose from {sorted(INDEXES)}")
+    if backend == "torch" and index != "flat":
+        raise ValueError(f"the torch backend is exact only; use backend='faiss' for index={index!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
+    bank, queries = normalize_features(bank), normalize_features(queries)
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"bank has dim {bank.shape[1]} but queries have dim {queries.shape[1]}")
+    num_bank = bank.shape[0]
+    if exclude_self and queries.shape[0] != num_bank:
+        raise ValueError(
+            f"exclude_self=True needs the queries to be the bank, got {queries.shape[0]} queries for "
+            f"{num_bank} bank items; pass exclude_self=False for a separate query set"
+        )
+    k_out = min(k, num_bank - 1) if exclude_self else min(k, num_bank)
+    k_search = min(k_out + 1, num_bank) if exclude_self else k_out
+    if k_out <= 0:  # a one-item bank queried by itself has no other neighbour
+        empty = torch.empty(queries.shape[0], 0, device=device)
+        return empty, empty.long()
+
+    if backend == "torch":
+        sims, idx = _torch_search(bank.to(device), queries.to(device), k_search, chunk_size)
+    else:
+        sims, idx = _faiss_search(bank, queries, k_search, index, nlist, nprobe, hnsw_m, ef_search, device)
+    if exclude_self:
+        sims, idx = _drop_self(sims, idx, k_out)
+    return sims.to(device), idx.to(device)
+
+
+def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Exact search; a fixed query chunk (never 0) bounds memory at chunk_size x N similarities."""
+    chunk_size = max(1, int(chunk_size))
+    sims, idx = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        chunk_sims = queries[start : start + chunk_size] @ bank.T  # (chunk, N)
+        top = chunk_sims.topk(k, dim=1, largest=True, sorted=True)
+        sims.append(top.values)
+        idx.append(top.indices)
+    if not sims:
+        return torch.empty(0, k, device=queries.device), torch.empty(
+            0, k, dtype=torch.long, device=queries.device
+        )
+    return torch.cat(sims), torch.cat(idx)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_resources() -> Any:
+    import faiss
+
+    return faiss.StandardGpuResources()  # allocates scratch memory once per process, so cache it
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as error:  # pragma: no cover - faiss is a dependency
+        raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu)") from error
+    return faiss
+
+
+def _build_index(
+    bank: np.ndarray,
+    index: str,
+    nlist: int | None,
+    nprobe: int | None,
+    hnsw_m: int,
+    ef_search: int | None,
+    k: int,
+) -> Any:
+    faiss = _import_faiss()
+    num_bank, dim = bank.shape
+    if index == "flat":
+        built = faiss.IndexFlatIP(dim)
+    elif index == "ivf":
+        nlist = nlist or max(1, round(4 * math.sqrt(num_bank)))
+        if not 1 <= nlist <= num_bank:
+            raise ValueError(f"nlist={nlist} must be in [1, {num_bank}] (the bank size) for k-means training")
+        quantizer = faiss.IndexFlatIP(dim)
+        built = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        built.train(bank)
+        built.nprobe = min(nlist, nprobe or max(1, round(math.sqrt(nlist))))
+    else:
+        built = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        built.hnsw.efSearch = ef_search or max(64, 2 * k)
+    built.add(bank)
+    return built
+
+
+def _faiss_search(
+    bank: Tensor,
+    queries: Tensor,
+    k: int,
+    index: str,
+    nlist: int | None,
+    nprobe: int | None,
+    hnsw_m: int,
+    ef_search: int | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    faiss = _import_faiss()
+    bank_np = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
+    queries_np = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
+    built = _build_index(bank_np, index, nlist, nprobe, hnsw_m, ef_search, k)
+    # HNSW has no GPU implementation; flat/IVF move to the GPU when the caller works on CUDA.
+    use_gpu = device.type == "cuda" and index != "hnsw" and k <= _FAISS_GPU_MAX_K and faiss.get_num_gpus() > 0
+    if use_gpu:
+        built = faiss.index_cpu_to_gpu(_gpu_resources(), device.index or 0, built)
+    sims_np, idx_np = built.search(queries_np, k)  # (Q, k) each
+    sims, idx = torch.from_numpy(sims_np), torch.from_numpy(idx_np).long()
+    return sims.masked_fill(idx < 0, float("-inf")), idx
+
+
+def _drop_self(sims: Tensor, idx: Tensor, k_out: int) -> tuple[Tensor, Tensor]:
+    """Remove each query's own index from its k_out + 1 neighbours (the last one if self was not found)."""
+    num_queries = idx.shape[0]
+    is_self = (
+        idx == torch.arange(num_queries, device=idx.device)[:, None]
+    )  # (Q, k_out + 1), at most one per row
+    # Exact duplicates can push self out of the list: then drop the farthest neighbour instead.
+    is_self[~is_self.any(dim=1), -1] = True
+    keep = ~is_self
+    return sims[keep].view(num_queries, k_out), idx[keep].view(num_queries, k_out)
+
+
+def measure_recall(
+    bank: Tensor | np.ndarray,
+    queries: Tensor | np.ndarray,
+    k: int,
+    index: str = "ivf",
+    **index_options: Any,
+) -> float:
+    """Recall@k of an approximate faiss index against exact flat search: mean fraction of the exact top-k
+    neighbours that the approximate index also returns (1.0 = identical neighbour sets)."""
+    if index == "flat":
+        raise ValueError("index='flat' is exact; measure the recall of 'ivf' or 'hnsw'")
+    _, exact = knn_search(bank, queries, k, backend="faiss", index="flat")
+    _, approx = knn_search(bank, queries, k, backend="faiss", index=index, **index_options)
+    if exact.numel() == 0:
+        raise ValueError("no queries to measure recall on")
+    found = (approx[:, :, None] == exact[:, None, :]).any(dim=1)  # (Q, k'): exact neighbour was found
+    return float(found.float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- classify
+
+
+@dataclass
+class KNNResult:
+    """Class scores of a weighted kNN vote.
+
+    scores: (Q, C) vote mass per class; classes: (C,) sorted unique bank labels, column c of ``scores`` is
+    label ``classes[c]``.
+    """
+
+    scores: Tensor
+    classes: Tensor
+
+    @property
+    def predictions(self) -> Tensor:
+        """(Q,) predicted labels in the original label values (ties -> smallest label)."""
+        return self.classes[self.scores.argmax(dim=1)]
+
+    def topk(self, labels: Tensor | np.ndarray, k: int = 1) -> float:
+        """Top-k accuracy against ``labels`` (original values).
+
+        Classes are ranked by score, ties by smaller label (as ``predictions``), so k is effectively capped at
+        the number of classes. A class that received no vote is never counted as predicted: with k neighbours
+        < 5, top-5 cannot be won by an arbitrary zero-score class. A label absent from the bank is wrong.
+        """
+        labels = as_tensor(labels).long().to(self.classes.device)
+        if labels.shape[0] != self.scores.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {self.scores.shape[0]} queries")
+        if labels.numel() == 0:
+            raise ValueError("no queries: accuracy is undefined")
+        position = torch.searchsorted(self.classes, labels).clamp(max=self.classes.numel() - 1)  # (Q,)
+        known = self.classes[position] == labels
+        label_score = self.scores.gather(1, position[:, None])  # (Q, 1)
+        column = torch.arange(self.classes.numel(), device=labels.device)
+        ahead = (self.scores > label_score) | ((self.scores == label_score) & (column < position[:, None]))
+        rank = ahead.sum(dim=1)  # (Q,) 0 = top-1
+        correct = known & (label_score[:, 0] > 0) & (rank < k)
+        return float(correct.float().mean())
+
+
+def bank_classes(bank_labels: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+    """(classes (C,) sorted unique labels, class index (N,) of each bank item)."""
+    bank_labels = as_tensor(bank_labels).long()
+    classes, class_index = torch.unique(bank_labels, sorted=True, return_inverse=True)
+    return classes, class_index
+
+
+def vote(sims: Tensor, idx: Tensor, bank_class_index: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """(Q, C) float64 class scores: sum of exp(sim / temperature) over each class's neighbours.
+
+    float64 so that small temperatures (exp(1 / 0.01) overflows float32) keep the exact DINO scores.
+    Neighbours with index -1 (approximate-index padding) get weight 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    valid = idx >= 0
+    neighbour_class = bank_class_index.to(idx.device)[idx.clamp(min=0)]  # (Q, k)
+    weights = (sims.double() / temperature).exp() * valid  # (Q, k)
+    scores = torch.zeros(idx.shape[0], num_classes, dtype=torch.float64, device=idx.device)
+    return scores.scatter_add_(1, neighbour_class, weights)
+
+
+def knn_classify(
+    bank: Tensor | np.ndarray,
+    bank_labels: Tensor | np.ndarray,
+    queries: Tensor | np.ndarray,
+    k: int = 20,
+    temperature: float = DEFAULT_TEMPERATURE,
+    backend: str = "faiss",
+    exclude_self: bool = False,
+    index: str = "flat",
+    **search_options: Any,
+) -> KNNResult:
+    """Weighted kNN classifier (Wu et al., 2018; DINO): votes weighted by exp(cosine / temperature).
+
+    Classes are the sorted unique ``bank_labels``; ``k`` larger than the bank uses the whole bank.
+    ``exclude_self`` gives leave-one-out accuracy when the queries are the bank.
+    """
+    bank_labels = as_tensor(bank_labels).long()
+    if bank_labels.shape[0] != bank.shape[0]:
+        raise ValueError(f"{bank_labels.shape[0]} bank labels for {bank.shape[0]} bank items")
+    classes, class_index = bank_classes(bank_labels)
+    sims, idx = knn_search(bank, queries, k, backend, index, exclude_self, **search_options)
+    scores = vote(sims, idx, class_index, classes.numel(), temperature)
+    return KNNResult(scores=scores, classes=classes.to(scores.device))
+
+
+def select_knn(
+    bank: Tensor | np.ndarray,
+    bank_labels: Tensor | np.ndarray,
+    val: Tensor | np.ndarray,
+    val_labels: Tensor | np.ndarray,
+    ks: tuple[int, ...] = (10, 20, 50, 100, 200),
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5),
+    backend: str = "faiss",
+    index: str = "flat",
+    **search_options: Any,
+) -> dict[str, Any]:
+    """Choose k and temperature on a **validation** split (never the test split).
+
+    Searches once with max(ks) and scores every (k, temperature) from prefixes of the same sorted neighbour
+    list. Best val top-1 wins; ties go to the smaller k, then the temperature closest to 0.07.
+    Returns ``dict(k, temperature, val_top1, grid=[dict(k, temperature, val_top1), ...])``.
+    """
+    if not ks or not temperatures:
+        raise ValueError("ks and temperatures must be non-empty")
+    bank_labels = as_tensor(bank_labels).long()
+    classes, class_index = bank_classes(bank_labels)
+    sims, idx = knn_search(bank, val, max(ks), backend, index, **search_options)  # (V, k_max)
+    grid = []
+    for k in ks:
+        for temperature in temperatures:
+            scores = vote(sims[:, :k], idx[:, :k], class_index, classes.numel(), temperature)
+            result = KNNResult(scores=scores, classes=classes.to(scores.device))
+            grid.append({"k": k, "temperature": temperature, "val_top1": result.topk(val_labels, k=1)})
+    best = max(
+        grid, key=lambda row: (row["val_top1"], -row["k"], -abs(row["temperature"] - DEFAULT_TEMPERATURE))
+    )
+    return {**best, "grid": grid}

@@ -1,0 +1,239 @@
+"""Linear probes on cached (frozen) features, hyperparameters chosen on a validation split.
+
+Two implementations with the same result type:
+- ``train_linear_probe``: torch, every (lr, weight decay) configuration trained at once as one batched
+  (G, D, C) weight tensor on the same minibatches;
+- ``sklearn_linear_probe``: scikit-learn ``LogisticRegression`` (lbfgs) as a cross-check.
+Select on val with ``ProbeResult.val_top1``, then read the test split once with ``ProbeResult.evaluate``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reprlab.evaluate.knn import as_tensor
+
+_STD_EPS = 1e-6
+
+
+class LinearProbe(nn.Module):
+    """Standardise with the train mean/std, then one linear layer; ``classes[c]`` is the label of logit c."""
+
+    def __init__(self, mean: Tensor, std: Tensor, weight: Tensor, bias: Tensor, classes: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)  # (D,)
+        self.register_buffer("std", std)  # (D,)
+        self.register_buffer("classes", classes)  # (C,)
+        self.linear = nn.Linear(weight.shape[0], weight.shape[1])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight.T)  # stored (D, C) during training, nn.Linear wants (C, D)
+            self.linear.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, D) features -> (N, C) logits."""
+        return self.linear((x - self.mean) / self.std)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor | np.ndarray) -> Tensor:
+        """(N,) predicted labels in the original label values."""
+        x = as_tensor(x, torch.float32).to(self.mean.device)
+        return self.classes[self(x).argmax(dim=1)]
+
+
+@dataclass
+class ProbeResult:
+    """Best probe of a sweep: ``model`` (``LinearProbe`` or a scikit-learn pipeline), its hyperparameters,
+    its val top-1 and the whole grid (one dict per configuration)."""
+
+    model: Any
+    hyperparameters: dict[str, float]
+    val_top1: float
+    grid: list[dict[str, float]] = field(default_factory=list)
+
+    def predict(self, x: Tensor | np.ndarray) -> Tensor:
+        """(N,) predicted labels in the original label values, on the CPU."""
+        if isinstance(self.model, nn.Module):
+            return self.model.predict(x).cpu()
+        features = as_tensor(x, torch.float32).cpu().numpy()
+        return torch.as_tensor(np.asarray(self.model.predict(features)))
+
+    def __call__(self, x: Tensor | np.ndarray) -> Tensor:
+        return self.predict(x)
+
+    def evaluate(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
+        """Top-1 accuracy on (x, y): call it once on the test split, after selection on val."""
+        labels = as_tensor(y).long().cpu()
+        if labels.numel() == 0:
+            raise ValueError("no samples: accuracy is undefined")
+        return float((self.predict(x).long() == labels).float().mean())
+
+
+def _check_split(x: Tensor, y: Tensor, name: str) -> None:
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{name} must be features (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+
+
+def _label_indices(classes: Tensor, labels: Tensor) -> Tensor:
+    """Index of each label in ``classes``; labels unseen in training map to -1 (always wrong)."""
+    position = torch.searchsorted(classes, labels).clamp(max=classes.numel() - 1)
+    return torch.where(classes[position] == labels, position, torch.full_like(position, -1))
+
+
+def train_linear_probe(
+    train_x: Tensor | np.ndarray,
+    train_y: Tensor | np.ndarray,
+    val_x: Tensor | np.ndarray,
+    val_y: Tensor | np.ndarray,
+    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1),
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2),
+    epochs: int = 100,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> ProbeResult:
+    """Multinomial logistic regression on standardised features, sweeping lr x weight decay, chosen on val.
+
+    Optimisation: Adam, minibatches of ``batch_size`` (full batch when the train set is smaller), cosine LR
+    decay to 0 over ``epochs``, zero init. ``weight_decay`` is an L2 penalty in the objective,
+    ``mean CE + weight_decay / 2 * ||W||^2`` (bias not penalised), so each configuration has a well-defined
+    optimum (sklearn's ``C = 1 / (weight_decay * N)``). All configurations share the minibatch order and are
+    trained at once; the final-epoch model of the best val top-1 is returned (ties: first in grid order,
+    lrs outer, weight decays inner). Classes are the sorted unique train labels.
+    """
+    train_x, val_x = as_tensor(train_x, torch.float32), as_tensor(val_x, torch.float32)
+    train_y, val_y = as_tensor(train_y).long(), as_tensor(val_y).long()
+    _check_split(train_x, train_y, "train")
+    _check_split(val_x, val_y, "val")
+    if not lrs or not weight_decays:
+        raise ValueError("lrs and weight_decays must be non-empty")
+    device = torch.device(device) if device is not None else train_x.device
+    generator = torch.Generator().manual_seed(seed)
+
+    classes, train_targets = torch.unique(train_y, sorted=True, return_inverse=True)
+    mean = train_x.mean(dim=0)  # (D,)
+    std = train_x.std(dim=0) + _STD_EPS if train_x.shape[0] > 1 else torch.ones_like(mean)
+    train_z = ((train_x - mean) / std).to(device)  # (N, D)
+    val_z = ((val_x - mean) / std).to(device)  # (V, D)
+    train_targets = train_targets.to(device)
+    val_targets = _label_indices(classes, val_y).to(device)
+
+    configs = [(lr, weight_decay) for lr in lrs for weight_decay in weight_decays]
+    num_configs, dim, num_classes = len(configs), train_z.shape[1], classes.numel()
+    weight = torch.zeros(num_configs, dim, num_classes, device=device, requires_grad=True)  # (G, D, C)
+    bias = torch.zeros(num_configs, 1, num_classes, device=device, requires_grad=True)  # (G, 1, C)
+    config_lrs = torch.tensor([lr for lr, _ in configs], device=device).view(-1, 1, 1)  # (G, 1, 1)
+    config_wds = torch.tensor([wd for _, wd in configs], device=device).view(-1, 1, 1)  # (G, 1, 1)
+    optimizer = _BatchedAdam([weight, bias])
+
+    num_train = train_z.shape[0]
+    total_steps = epochs * max(1, math.ceil(num_train / batch_size))
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(num_train, generator=generator).to(device)
+        for start in range(0, num_train, batch_size):
+            batch = order[start : start + batch_size]
+            logits = torch.baddbmm(bias, train_z[batch].expand(num_configs, -1, -1), weight)  # (G, B, C)
+            loss = (
+                F.cross_entropy(
+                    logits.flatten(0, 1), train_targets[batch].repeat(num_configs), reduction="none"
+                )
+                .view(num_configs, -1)
+                .mean(dim=1)
+            )  # (G,)
+            penalty = 0.5 * (config_wds * weight.pow(2)).sum(dim=(1, 2))  # (G,)
+            weight.grad = bias.grad = None
+            (loss + penalty).sum().backward()  # configs are independent: the sum keeps each one's gradient
+            cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            optimizer.step(config_lrs * cosine)
+            step += 1
+
+    with torch.no_grad():
+        val_logits = torch.baddbmm(bias, val_z.expand(num_configs, -1, -1), weight)  # (G, V, C)
+        val_top1 = (val_logits.argmax(dim=2) == val_targets).float().mean(dim=1)  # (G,)
+    grid = [
+        {"lr": lr, "weight_decay": wd, "val_top1": float(top1)} for (lr, wd), top1 in zip(configs, val_top1)
+    ]
+    best = int(val_top1.argmax())  # first maximum = grid order
+    model = LinearProbe(
+        mean.to(device), std.to(device), weight[best].detach(), bias[best, 0].detach(), classes.to(device)
+    )
+    return ProbeResult(
+        model=model,
+        hyperparameters={
+            "lr": configs[best][0],
+            "weight_decay": configs[best][1],
+            "epochs": epochs,
+            "batch_size": batch_size,
+        },
+        val_top1=grid[best]["val_top1"],
+        grid=grid,
+    )
+
+
+class _BatchedAdam:
+    """Adam (Kingma & Ba, 2015) with one learning rate per configuration, i.e. per leading index of every
+    parameter: ``torch.optim.Adam`` takes one lr per parameter group, and we keep all configs in one tensor."""
+
+    def __init__(self, params: list[Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.betas, self.eps, self.step_count = params, betas, eps, 0
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, lr: Tensor) -> None:
+        """lr: (G, 1, 1) learning rate of each configuration."""
+        beta1, beta2 = self.betas
+        self.step_count += 1
+        correction1, correction2 = 1 - beta1**self.step_count, 1 - beta2**self.step_count
+        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            exp_avg.lerp_(param.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+            denom = (exp_avg_sq / correction2).sqrt_().add_(self.eps)
+            param.sub_(lr * (exp_avg / correction1) / denom)
+
+
+def sklearn_linear_probe(
+    train_x: Tensor | np.ndarray,
+    train_y: Tensor | np.ndarray,
+    val_x: Tensor | np.ndarray,
+    val_y: Tensor | np.ndarray,
+    Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0),  # scikit-learn's name: inverse regularisation
+    max_iter: int = 1000,
+) -> ProbeResult:
+    """scikit-learn cross-check: ``StandardScaler`` + ``LogisticRegression`` (lbfgs, multinomial), C chosen on
+    val top-1 (ties: the smaller C, i.e. the stronger regularisation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, val_x = as_tensor(train_x, torch.float32).cpu(), as_tensor(val_x, torch.float32).cpu()
+    train_y, val_y = as_tensor(train_y).long().cpu(), as_tensor(val_y).long().cpu()
+    _check_split(train_x, train_y, "train")
+    _check_split(val_x, val_y, "val")
+    if not Cs:
+        raise ValueError("Cs must be non-empty")
+    grid, models = [], []
+    for inverse_regularisation in sorted(Cs):
+        model = make_pipeline(
+            StandardScaler(), LogisticRegression(C=inverse_regularisation, max_iter=max_iter)
+        )
+        model.fit(train_x.numpy(), train_y.numpy())
+        top1 = float((model.predict(val_x.numpy()) == val_y.numpy()).mean())
+        grid.append({"C": inverse_regularisation, "val_top1": top1})
+        models.append(model)
+    best = max(range(len(grid)), key=lambda i: (grid[i]["val_top1"], -i))
+    return ProbeResult(
+        model=models[best],
+        hyperparameters={"C": grid[best]["C"], "max_iter": max_iter},
+        val_top1=grid[best]["val_top1"],
+        grid=grid,
+    )

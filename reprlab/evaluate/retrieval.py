@@ -1,0 +1,89 @@
+"""Label-based retrieval metrics on cached features (cosine similarity, exact search).
+
+Definitions (Musgrave et al., 2020, "A Metric Learning Reality Check"), for a query with label y, ranked bank
+items by decreasing cosine similarity, and R = number of bank items labelled y (minus the query itself under
+leave-one-out):
+- ``precision@k``: fraction of the top k that are labelled y (divided by k' = min(k, bank size));
+- ``recall@k``: 1 if at least one of the top k is labelled y, else 0 (the metric-learning "Recall@K", NOT the
+  fraction of the R relevant items that were retrieved);
+- ``r_precision``: fraction of the top R that are labelled y;
+- ``map@r``: (1 / R) * sum over positions i <= R that are labelled y of precision@i.
+All are averaged over queries. ``map@r`` and ``r_precision`` are averaged over the queries with R > 0 only
+(they are undefined otherwise); ``queries_without_relevant`` counts the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from reprlab.evaluate.knn import as_tensor, knn_search
+
+
+def retrieval_metrics(
+    bank: Tensor | np.ndarray,
+    bank_labels: Tensor | np.ndarray,
+    queries: Tensor | np.ndarray,
+    query_labels: Tensor | np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+    exclude_self: bool = False,
+    backend: str = "faiss",
+) -> dict[str, Any]:
+    """Precision@k, Recall@k, mAP@R and R-precision of ``queries`` against ``bank`` (definitions above).
+
+    ``exclude_self=True`` is leave-one-out when the queries are the bank: the query is removed from both its
+    ranking and its relevant count R. The search retrieves max(R) neighbours per query (memory Q x max R).
+    """
+    bank_labels = as_tensor(bank_labels).long().cpu()
+    query_labels = as_tensor(query_labels).long().cpu()
+    if bank_labels.shape[0] != bank.shape[0] or query_labels.shape[0] != queries.shape[0]:
+        raise ValueError(
+            f"labels do not match features: {bank_labels.shape[0]} bank labels for {bank.shape[0]} items, "
+            f"{query_labels.shape[0]} query labels for {queries.shape[0]} queries"
+        )
+    if query_labels.numel() == 0:
+        raise ValueError("no queries: retrieval metrics are undefined")
+    relevant_counts = _relevant_counts(bank_labels, query_labels, exclude_self)  # (Q,) R per query
+    depth = max(max(ks), int(relevant_counts.max()), 1)
+    _, idx = knn_search(bank, queries, depth, backend=backend, exclude_self=exclude_self)
+    idx = idx.cpu()
+    # Exact search never pads with -1; the clamp only guards the gather.
+    hits = (bank_labels[idx.clamp(min=0)] == query_labels[:, None]) & (idx >= 0)  # (Q, depth')
+    hits = hits.double()
+
+    metrics: dict[str, Any] = {}
+    for k in ks:
+        top = hits[:, :k]
+        metrics[f"precision@{k}"] = float(top.mean(dim=1).mean()) if top.shape[1] else 0.0
+        metrics[f"recall@{k}"] = float((top.sum(dim=1) > 0).double().mean())
+    metrics.update(_map_at_r(hits, relevant_counts))
+    return metrics
+
+
+def _relevant_counts(bank_labels: Tensor, query_labels: Tensor, exclude_self: bool) -> Tensor:
+    """(Q,) number of bank items sharing each query's label (self excluded under leave-one-out)."""
+    classes, counts = torch.unique(bank_labels, return_counts=True)
+    position = torch.searchsorted(classes, query_labels).clamp(max=classes.numel() - 1)
+    counts = torch.where(classes[position] == query_labels, counts[position], torch.zeros_like(position))
+    return counts - 1 if exclude_self else counts
+
+
+def _map_at_r(hits: Tensor, relevant_counts: Tensor) -> dict[str, Any]:
+    """mAP@R and R-precision from (Q, depth) float hits sorted by rank, depth >= max R."""
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)  # (depth,)
+    within_r = ranks[None, :] <= relevant_counts[:, None]  # (Q, depth)
+    hits_r = hits * within_r
+    precision_at_i = hits_r.cumsum(dim=1) / ranks  # (Q, depth)
+    has_relevant = relevant_counts > 0
+    num_relevant = relevant_counts.clamp(min=1).double()
+    average_precision = (precision_at_i * hits_r).sum(dim=1) / num_relevant  # (Q,)
+    r_precision = hits_r.sum(dim=1) / num_relevant  # (Q,)
+    defined = int(has_relevant.sum())
+    return {
+        "map@r": float(average_precision[has_relevant].mean()) if defined else float("nan"),
+        "r_precision": float(r_precision[has_relevant].mean()) if defined else float("nan"),
+        "queries_without_relevant": int((~has_relevant).sum()),
+    }

@@ -1,0 +1,115 @@
+"""Pretraining entry point: config -> data, encoder, method -> the training loop -> a run directory."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reprlab import distributed
+from reprlab.checkpoint import save_encoder
+from reprlab.config import PretrainConfig, save_config, to_dict
+from reprlab.data.datasets import ImageSet, load_dataset
+from reprlab.data.loader import Batches
+from reprlab.engine import fit
+from reprlab.evaluate.features import extract_features
+from reprlab.models.encoders import create_encoder
+from reprlab.optim import build_optimizer, build_scheduler, param_groups, scale_lr
+from reprlab.ssl import build_method
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Monitor:
+    """Every ``every`` epochs: online kNN top-1 on the validation split (when labeled) and label-free collapse
+    signals (std of L2-normalized embeddings, effective rank) of the encoder output."""
+
+    def __init__(self, encoder: torch.nn.Module, bank: ImageSet, val: ImageSet | None, every: int, k: int,
+                 temperature: float, device: torch.device, batch_size: int) -> None:
+        self.encoder, self.bank, self.val, self.every = encoder, bank, val, every
+        self.k, self.temperature, self.device, self.batch_size = k, temperature, device, batch_size
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        if not self.every or (epoch + 1) % self.every or not distributed.is_main():
+            return {}
+        from reprlab.evaluate.knn import knn_classify
+        from reprlab.evaluate.quality import effective_rank, embedding_std
+
+        bank = extract_features(self.encoder, self.bank.images, self.batch_size, self.device)
+        metrics = {"embedding_std": float(embedding_std(bank)), "effective_rank": float(effective_rank(bank))}
+        if self.val is not None and self.val.labels is not None and self.bank.labels is not None:
+            queries = extract_features(self.encoder, self.val.images, self.batch_size, self.device)
+            result = knn_classify(bank, self.bank.labels, queries, k=self.k, temperature=self.temperature)
+            metrics["knn_top1"] = result.topk(self.val.labels, 1)
+        return metrics
+
+
+def build_optimization(cfg_optim, model: torch.nn.Module, batch_size: int, steps_per_epoch: int, epochs: int,
+                       groups: list[dict] | None = None):
+    """Optimizer and per-step scheduler from an OptimConfig (shared by pretraining and fine-tuning)."""
+    lr = scale_lr(cfg_optim.lr, batch_size, cfg_optim.lr_scaling)
+    if groups is None:
+        groups = param_groups(model, cfg_optim.weight_decay, exclude_bn_bias=cfg_optim.exclude_bn_bias)
+    optimizer = build_optimizer(cfg_optim.name, groups, lr=lr, momentum=cfg_optim.momentum,
+                                nesterov=cfg_optim.nesterov, weight_decay=cfg_optim.weight_decay,
+                                betas=tuple(cfg_optim.betas), trust_coefficient=cfg_optim.trust_coefficient)
+    step_size = round(cfg_optim.step_epochs * steps_per_epoch) if cfg_optim.step_epochs else None
+    scheduler = build_scheduler(optimizer, cfg_optim.schedule, total_steps=epochs * steps_per_epoch,
+                                warmup_steps=round(cfg_optim.warmup_epochs * steps_per_epoch),
+                                min_lr_ratio=cfg_optim.min_lr_ratio, step_size=step_size, gamma=cfg_optim.gamma)
+    return optimizer, scheduler
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run self-supervised pretraining; returns the run directory (``cfg.out_dir/cfg.name``)."""
+    device = distributed.setup(cfg.train.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    seed_everything(cfg.train.seed + rank)  # each rank draws its own augmentations
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
+                        val_fraction=cfg.data.val_fraction, image_size=cfg.data.image_size, limit=cfg.data.limit,
+                        seed=cfg.train.seed)
+    encoder = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, weights=cfg.encoder.weights,
+                             **cfg.encoder.kwargs)
+    method = build_method(cfg.method.name, encoder, cfg.method.params)
+    if cfg.train.channels_last:
+        method.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        encoder.backbone.compile()
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
+    batches = Batches(data.train, cfg.train.batch_size // world, shuffle=True, drop_last=True,
+                      seed=cfg.train.seed, rank=rank, world_size=world)
+    optimizer, scheduler = build_optimization(cfg.optim, method, cfg.train.batch_size, len(batches),
+                                              cfg.train.epochs)
+    bank = data.train
+    if len(bank) > cfg.monitor.max_images:
+        bank = bank.subset(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))
+                           [: cfg.monitor.max_images].sort().values)
+    monitor = Monitor(encoder, bank, data.val, cfg.monitor.every_epochs, cfg.monitor.knn_k,
+                      cfg.monitor.knn_temperature, device, batch_size=512)
+    identity = {"encoder": cfg.encoder.name, "encoder_kwargs": dict(cfg.encoder.kwargs), "method": cfg.method.name}
+    result = fit(method, batches, optimizer, scheduler, epochs=cfg.train.epochs, device=device, run_dir=run_dir,
+                 precision=cfg.train.precision, grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every,
+                 checkpoint_every_steps=cfg.train.checkpoint_every_steps, resume=cfg.train.resume,
+                 callbacks=[monitor], identity=identity, progress=cfg.train.progress,
+                 sync_batchnorm=world > 1 and getattr(method, "sync_batchnorm", True), desc="pretrain")
+    if distributed.is_main():
+        final: dict[str, Any] = result.history[-1] if result.history else {}
+        save_encoder(run_dir, encoder, {"method": cfg.method.name, "dataset": cfg.data.name,
+                                        "config": to_dict(cfg), "metrics": final})
+        if hasattr(method, "save_artifacts"):
+            method.save_artifacts(run_dir, next(iter(batches.epoch(0)))["images"][:32].to(device))
+    distributed.barrier()
+    return run_dir

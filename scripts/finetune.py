@@ -1,0 +1,8 @@
+"""Finetune: `python scripts/finetune.py --config configs/... key=value ...` (same as `reprlab finetune`)."""
+
+import sys
+
+from reprlab.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("finetune"))

@@ -61,8 +61,10 @@ def build_optimization(cfg_optim, model: torch.nn.Module, batch_size: int, steps
                                 nesterov=cfg_optim.nesterov, weight_decay=cfg_optim.weight_decay,
                                 betas=tuple(cfg_optim.betas), trust_coefficient=cfg_optim.trust_coefficient)
     step_size = round(cfg_optim.step_epochs * steps_per_epoch) if cfg_optim.step_epochs else None
-    scheduler = build_scheduler(optimizer, cfg_optim.schedule, total_steps=epochs * steps_per_epoch,
-                                warmup_steps=round(cfg_optim.warmup_epochs * steps_per_epoch),
+    total_steps = epochs * steps_per_epoch
+    # a run shorter than its warmup (a quick smoke test) warms up over the whole run instead of failing
+    warmup_steps = min(round(cfg_optim.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = build_scheduler(optimizer, cfg_optim.schedule, total_steps=total_steps, warmup_steps=warmup_steps,
                                 min_lr_ratio=cfg_optim.min_lr_ratio, step_size=step_size, gamma=cfg_optim.gamma)
     return optimizer, scheduler
 

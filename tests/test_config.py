@@ -1,0 +1,64 @@
+import pytest
+
+from reprlab.config import (ConfigError, EvaluateConfig, FinetuneConfig, PretrainConfig, load_config,
+                            parse_overrides, save_config)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(PretrainConfig, None, ["optim.lr=0.3", "train.epochs=5", "encoder.kwargs={cifar_stem: true}"])
+    assert cfg.optim.lr == 0.3 and cfg.train.epochs == 5 and cfg.encoder.kwargs == {"cifar_stem": True}
+    assert cfg.method.name == "simclr"
+
+
+def test_unknown_key_names_key_valid_ones_and_file(tmp_path):
+    path = write(tmp_path, "optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, path)
+    message = str(err.value)
+    assert "optim.learning_rate" in message and "'lr'" in message and str(path) in message
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train.epochs' must be int, got 'ten'"):
+        load_config(PretrainConfig, write(tmp_path, "train:\n  epochs: ten\n"))
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(PretrainConfig, None, ["train.batch_size=1.5"])
+
+
+def test_int_is_accepted_for_float_but_bool_is_not_an_int():
+    assert load_config(PretrainConfig, None, ["optim.lr=1"]).optim.lr == 1
+    with pytest.raises(ConfigError):
+        load_config(PretrainConfig, None, ["train.epochs=true"])
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PretrainConfig, "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(FinetuneConfig, None, ["encoder=runs/x", "seeds=[0, 1]", "augment.crop_scale=null"])
+    save_config(cfg, tmp_path / "out.yaml")
+    again = load_config(FinetuneConfig, tmp_path / "out.yaml")
+    assert again == cfg
+    assert again.augment.crop_scale is None
+
+
+def test_evaluate_list_override():
+    cfg = load_config(EvaluateConfig, None, ["encoders=[runs/a, random, pixels]"])
+    assert list(cfg.encoders) == ["runs/a", "random", "pixels"]
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/**/*.yaml")))
+def test_every_shipped_config_loads(path):
+    stage = path.parent.name
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvaluateConfig}[stage]
+    load_config(cls, path)

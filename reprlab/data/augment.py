@@ -1,18 +1,23 @@
 """Batched image augmentations that run on the training device, a whole batch at a time.
 
-Every function takes images (B, C, H, W) with C in {1, 3}, uint8 or float in [0, 1], on any device, and returns
-float32 in [0, 1] on the same device. Per-sample parameters are drawn with torch ops, from `generator` when given
-(so a seeded CPU run is bit-for-bit repeatable) or from the global RNG. There is no per-sample Python loop and
-no PIL: one view of 256 CIFAR images costs a few milliseconds on two CPU cores.
+Every function takes images (B, C, H, W) with C in {1, 3}, uint8 or float in [0, 1], on any device,
+and returns float32 in [0, 1] on the same device. Per-sample parameters are drawn with torch ops, from
+`generator` when given (a seeded CPU run is bit-for-bit repeatable) or else from the global RNG; a
+generator on another device than the images works (parameters are drawn there and copied over, so a
+CPU generator reproduces CPU results on CUDA), at the cost of a small host-device copy per op. There
+is no per-sample Python loop and no PIL: a SimCLR view of 256 CIFAR images costs a few milliseconds on
+two CPU cores.
 
-What differs from the torchvision transforms these mirror:
-- crops, resizes and rotations use bilinear `grid_sample` without antialiasing (torchvision v2 antialiases when
-  it downscales); rotations fill with zeros as torchvision's default does, but interpolate bilinearly;
-- colour jitter applies brightness, contrast, saturation, hue in that fixed order (torchvision draws a random order
-  per image) as one per-sample 3x3 matrix plus offset with a single clamp at the end (torchvision clamps after each
-  step), and shifts hue by a rotation about RGB's grey axis, a linear stand-in for torchvision's HSV hue shift
-  (see `adjust_color`);
-- 1-channel images: saturation, hue and grayscale are no-ops (as in torchvision), brightness and contrast apply.
+Where these differ from the torchvision transforms they mirror:
+- crops, resizes and rotations are one bilinear `grid_sample` without antialiasing (torchvision v2
+  antialiases when it downscales); rotations fill with zeros like torchvision's default but
+  interpolate bilinearly (torchvision's default is nearest);
+- colour jitter applies brightness, contrast, saturation, hue in this fixed order (torchvision draws a
+  random order per call) as one per-sample 3x3 matrix plus offset with a single clamp at the end
+  (torchvision clamps after every step), and shifts hue by a rotation about RGB's grey axis, a linear
+  stand-in for torchvision's HSV hue shift (see `adjust_color`);
+- 1-channel images: saturation, hue and grayscale are no-ops (as in torchvision); brightness and
+  contrast apply.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma); shared by grayscale, saturation and contrast.
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma); used by grayscale, saturation and contrast.
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-# --------------------------------------------------------------------------------------------- input and RNG
+# ------------------------------------------------------------------------------------- input and RNG
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -49,27 +54,30 @@ def _as_batch(images: Tensor) -> Tensor:
     return to_float(images)
 
 
+def _draw_device(like: Tensor, generator: torch.Generator | None) -> torch.device:
+    # draw where the generator lives, so a seeded CPU generator also drives CUDA runs
+    return generator.device if generator is not None else like.device
+
+
 def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None,
              low: float = 0.0, high: float = 1.0) -> Tensor:
-    """U[low, high) on like's device; drawn on the generator's device so a CPU generator also drives CUDA runs."""
-    device = generator.device if generator is not None else like.device
-    u = torch.rand(shape, generator=generator, device=device)
-    return (low + (high - low) * u).to(like.device)  # exactly `low` when high == low
+    """U[low, high) on like's device (exactly `low` everywhere when high == low)."""
+    u = torch.rand(shape, generator=generator, device=_draw_device(like, generator))
+    return (low + (high - low) * u).to(like.device)
 
 
 def _coin(batch: int, p: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """(B,) bool, True with probability p (p=1 is always True since U < 1)."""
+    """(B,) bool, True with probability p (always True at p=1 since U < 1)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {p}")
     return _uniform((batch,), like, generator) < p
 
 
 def _randperm(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.randperm(n, generator=generator, device=device).to(like.device)
+    return torch.randperm(n, generator=generator, device=_draw_device(like, generator)).to(like.device)
 
 
-# --------------------------------------------------------------------------------------------- geometry
+# ------------------------------------------------------------------------------------------ geometry
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -78,18 +86,18 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def _crop_boxes(x: Tensor, scale: tuple[float, float], ratio: tuple[float, float],
                 generator: torch.Generator | None, attempts: int = 10) -> Tensor:
-    """Per-sample integer crop boxes (B, 4) = (top, left, height, width), float, as RandomResizedCrop.get_params.
+    """Per-sample integer crop boxes (B, 4) = (top, left, height, width) as in RandomResizedCrop.
 
-    torchvision tries up to 10 (area, aspect) draws and keeps the first that fits, else falls back to a central
-    crop with the aspect ratio clamped into `ratio`; here all attempts are drawn at once and the first valid one
-    is picked per sample.
+    torchvision tries up to 10 (area, aspect) draws and keeps the first that fits, else falls back to a
+    central crop with the aspect ratio clamped into `ratio`; here all attempts are drawn at once and the
+    first valid one is picked per sample.
     """
-    batch, _, height, width = x.shape
     if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale=}, {ratio=}")
-    area = height * width
-    target_area = area * _uniform((batch, attempts), x, generator, scale[0], scale[1])  # (B, attempts)
-    aspect = torch.exp(_uniform((batch, attempts), x, generator, math.log(ratio[0]), math.log(ratio[1])))
+        raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
+    batch, _, height, width = x.shape
+    target_area = height * width * _uniform((batch, attempts), x, generator, *scale)  # (B, attempts)
+    log_ratio = _uniform((batch, attempts), x, generator, math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(target_area * aspect))
     h = torch.round(torch.sqrt(target_area / aspect))
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, attempts)
@@ -106,7 +114,7 @@ def _crop_boxes(x: Tensor, scale: tuple[float, float], ratio: tuple[float, float
         fallback_w, fallback_h = width, height
     w = torch.where(found, w, float(fallback_w))
     h = torch.where(found, h, float(fallback_h))
-    # floor(U * (n + 1)) is randint(0, n + 1); the clamp guards float rounding at U -> 1
+    # floor(U * (n + 1)) is randint(0, n + 1); the minimum guards float rounding as U -> 1
     top = torch.minimum(torch.floor(_uniform((batch,), x, generator) * (height - h + 1)), height - h)
     left = torch.minimum(torch.floor(_uniform((batch,), x, generator) * (width - w + 1)), width - w)
     top = torch.where(found, top, float((height - fallback_h) // 2))
@@ -114,14 +122,29 @@ def _crop_boxes(x: Tensor, scale: tuple[float, float], ratio: tuple[float, float
     return torch.stack([top, left, h, w], dim=1)  # (B, 4)
 
 
-def _resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None) -> Tensor:
-    """Crop boxes (B, 4) = (top, left, height, width) in pixels and resize to size, bilinear, one grid_sample.
+def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
+    """F.affine_grid(theta, (B, C, height, width), align_corners=False), by broadcasting.
 
-    A horizontal flip is folded into the sampling grid (mirrored x axis), so it costs nothing.
+    F.affine_grid is a batched (H*W, 3) @ (3, 2) matmul, which costs ~10x the grid_sample on CPU.
     """
-    batch, channels, height, width = x.shape
+    cols = (torch.arange(width, device=theta.device) * 2 + 1) / width - 1  # (W,) output pixel centres
+    rows = (torch.arange(height, device=theta.device) * 2 + 1) / height - 1  # (H,)
+    t = theta[:, :, :, None, None]  # (B, 2, 3, 1, 1)
+    grid = t[:, :, 0] * cols + t[:, :, 1] * rows[:, None] + t[:, :, 2]  # (B, 2, H, W)
+    return grid.permute(0, 2, 3, 1)  # (B, H, W, 2) as (x, y)
+
+
+def _resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None) -> Tensor:
+    """Crop boxes (B, 4) = (top, left, height, width) and resize to size: one bilinear grid_sample.
+
+    A horizontal flip (B,) bool is folded into the sampling grid (mirrored x axis), so it is free.
+    Within the box this equals torchvision's resized_crop without antialiasing; samples between a box
+    edge and its outermost pixel centres blend in the pixel just outside the box, where torchvision
+    repeats the edge pixel.
+    """
+    height, width = x.shape[-2:]
     top, left, box_h, box_w = boxes.unbind(dim=1)  # (B,) each
-    # With align_corners=False, output pixel centre u in [-1, 1] maps to input (2 * left + box_w * (u + 1)) / W - 1
+    # output pixel centre u in [-1, 1] reads input (2 * left + box_w * (u + 1)) / W - 1 (align_corners=False)
     scale_x = box_w / width
     if flip is not None:
         scale_x = torch.where(flip, -scale_x, scale_x)
@@ -130,8 +153,8 @@ def _resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor 
         torch.stack([scale_x, zeros, (2 * left + box_w) / width - 1], dim=1),
         torch.stack([zeros, box_h / height, (2 * top + box_h) / height - 1], dim=1),
     ], dim=1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, [batch, channels, size[0], size[1]], align_corners=False)  # (B, h, w, 2)
-    # border padding: samples between the box edge and the first pixel centre repeat the edge, as resize does
+    grid = _affine_grid(theta, *size)  # (B, h, w, 2)
+    # border padding: a sample past the image edge repeats the edge, as resize does
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -151,30 +174,36 @@ def random_horizontal_flip(x: Tensor, p: float = 0.5, generator: torch.Generator
 
 
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
-    """Rotate each image counter-clockwise by degrees (B,) about its centre; bilinear, zero fill, same size."""
-    batch, channels, height, width = x.shape
+    """Rotate each image counter-clockwise by degrees (B,) about its centre; bilinear, zero fill."""
+    height, width = x.shape[-2:]
     radians = torch.deg2rad(degrees)
     cos, sin = torch.cos(radians), torch.sin(radians)
-    # inverse map in pixel units, rescaled to normalized coordinates (which differ per axis when H != W)
+    zeros = torch.zeros_like(cos)
+    # inverse map in pixel units, rescaled to normalized coordinates (whose units differ when H != W)
     theta = torch.stack([
-        torch.stack([cos, -sin * height / width, torch.zeros_like(cos)], dim=1),
-        torch.stack([sin * width / height, cos, torch.zeros_like(cos)], dim=1),
+        torch.stack([cos, -sin * height / width, zeros], dim=1),
+        torch.stack([sin * width / height, cos, zeros], dim=1),
     ], dim=1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, [batch, channels, height, width], align_corners=False)
+    grid = _affine_grid(theta, height, width)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def random_rotation(x: Tensor, degrees: float, generator: torch.Generator | None = None) -> Tensor:
-    """Rotate each image by an angle ~ U[-degrees, degrees] (counter-clockwise positive); corners filled with 0."""
+    """Rotate each image by an angle ~ U[-degrees, degrees] (counter-clockwise positive), zero fill."""
     x = _as_batch(x)
     if degrees < 0:
         raise ValueError(f"degrees must be >= 0 (angles are drawn from [-degrees, degrees]), got {degrees}")
+    if degrees == 0:  # resampling at angle 0 is the identity only up to float rounding
+        return x
     return _rotate(x, _uniform((x.shape[0],), x, generator, -degrees, degrees))
 
 
 def cutout(x: Tensor, size_fraction: float = 0.5, p: float = 1.0,
            generator: torch.Generator | None = None) -> Tensor:
-    """Cutout (DeVries & Taylor, 2017): zero a (fraction*H, fraction*W) box centred uniformly, clipped at borders."""
+    """Cutout (DeVries & Taylor, 2017): zero a (fraction H, fraction W) box with a uniform centre.
+
+    The box is clipped at the image border, so near an edge less than the full box is erased.
+    """
     x = _as_batch(x)
     if not 0.0 < size_fraction <= 1.0:
         raise ValueError(f"size_fraction must be in (0, 1], got {size_fraction}")
@@ -187,51 +216,54 @@ def cutout(x: Tensor, size_fraction: float = 0.5, p: float = 1.0,
     cols = torch.arange(width, device=x.device)
     in_rows = (rows >= top[:, None]) & (rows < top[:, None] + cut_h)  # (B, H)
     in_cols = (cols >= left[:, None]) & (cols < left[:, None] + cut_w)  # (B, W)
-    mask = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]  # (B, H, W)
-    return x.masked_fill(mask[:, None], 0.0)
+    erase = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]  # (B, H, W)
+    return x.masked_fill(erase[:, None], 0.0)
 
 
-# --------------------------------------------------------------------------------------------- colour
+# -------------------------------------------------------------------------------------------- colour
 
 
 def _luma(x: Tensor) -> Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W), the same arithmetic as torchvision's rgb_to_grayscale."""
+    """(B, 3, H, W) -> (B, 1, H, W) with the same arithmetic as torchvision's rgb_to_grayscale."""
     r, g, b = x.unbind(dim=1)
     return r.mul(LUMA_WEIGHTS[0]).add_(g, alpha=LUMA_WEIGHTS[1]).add_(b, alpha=LUMA_WEIGHTS[2]).unsqueeze(1)
 
 
 def _hue_rotation(hue: Tensor) -> Tensor:
-    """(B,) hue factors -> (B, 3, 3) rotations by hue * 360 degrees about the grey axis (1, 1, 1) / sqrt(3).
+    """(B,) hue factors -> (B, 3, 3) rotations by hue * 360 degrees about the grey axis (1, 1, 1).
 
-    Rodrigues' formula I + sin(t) K + (1 - cos(t)) K^2 with K the cross-product matrix of the axis; exactly I at
-    t = 0, and at t = 120 degrees it maps red -> green -> blue, as HSV hue does.
+    Rodrigues' formula I + sin(t) K + (1 - cos(t)) K^2, K the cross-product matrix of the unit axis:
+    exactly I at t = 0, and at t = 120 degrees it maps red -> green -> blue, as HSV hue does.
     """
     angle = (2 * math.pi * hue)[:, None, None]  # (B, 1, 1)
-    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=hue.device) / math.sqrt(3)
-    return torch.eye(3, device=hue.device) + torch.sin(angle) * cross + (1 - torch.cos(angle)) * (cross @ cross)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=hue.device)
+    cross = cross / math.sqrt(3)
+    eye = torch.eye(3, device=hue.device)
+    return eye + torch.sin(angle) * cross + (1 - torch.cos(angle)) * (cross @ cross)
 
 
 def _color_transform(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor, hue: Tensor,
                      needs_mean: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-sample (matrix (B, C, C), offset (B, C, 1)) with jitter(x) = clamp(matrix @ x + offset, 0, 1).
+    """Per-sample matrix (B, C, C) and offset (B, C, 1): jitter(x) = clamp(matrix @ x + offset, 0, 1).
 
-    Composition of, in order, brightness x -> b x, contrast x -> k x + (1 - k) mean_grey(x),
-    saturation x -> s x + (1 - s) grey(x) and a hue rotation about the grey axis; all are linear in RGB
-    except contrast's offset, which depends only on the image's mean grey level (skipped when needs_mean is
-    False, i.e. every contrast factor is 1).
+    The composition of, in order, brightness x -> b x, contrast x -> k x + (1 - k) mean_grey(x),
+    saturation x -> s x + (1 - s) grey(x), and a hue rotation about the grey axis: all linear in RGB
+    except contrast's offset, which needs only the image's mean grey level (skipped when needs_mean is
+    False, i.e. when every contrast factor is 1).
     """
     batch, channels = x.shape[:2]
     scale = (brightness * contrast)[:, None, None]  # (B, 1, 1)
     if channels == 1:
         mean_grey = x.mean(dim=(1, 2, 3)) if needs_mean else torch.zeros_like(brightness)  # (B,)
-        offset = ((1 - contrast) * brightness * mean_grey)[:, None, None]  # (B, 1, 1)
-        return scale, offset
-    mean_grey = _luma(x.mean(dim=(2, 3), keepdim=True)).flatten() if needs_mean else torch.zeros_like(brightness)
-    eye = torch.eye(3, device=x.device)
-    grey_projection = torch.tensor(LUMA_WEIGHTS, device=x.device).expand(3, 3)  # row i = luma weights
+        return scale, ((1 - contrast) * brightness * mean_grey)[:, None, None]
+    if needs_mean:
+        mean_grey = _luma(x.mean(dim=(2, 3), keepdim=True)).flatten()  # (B,) = luma of the mean colour
+    else:
+        mean_grey = torch.zeros_like(brightness)
     s = saturation[:, None, None]
-    saturation_matrix = s * eye + (1 - s) * grey_projection  # (B, 3, 3)
-    colour = _hue_rotation(hue) @ saturation_matrix  # (B, 3, 3)
+    eye = torch.eye(3, device=x.device)
+    grey_projection = torch.tensor(LUMA_WEIGHTS, device=x.device).expand(3, 3)  # every row = luma weights
+    colour = _hue_rotation(hue) @ (s * eye + (1 - s) * grey_projection)  # (B, 3, 3)
     grey_offset = ((1 - contrast) * brightness * mean_grey)[:, None, None].expand(batch, 3, 1)
     return colour * scale, colour @ grey_offset  # (B, 3, 3), (B, 3, 1)
 
@@ -244,15 +276,15 @@ def _apply_color_transform(x: Tensor, matrix: Tensor, offset: Tensor) -> Tensor:
 
 def adjust_color(x: Tensor, brightness_factor: Tensor | float = 1.0, contrast_factor: Tensor | float = 1.0,
                  saturation_factor: Tensor | float = 1.0, hue_factor: Tensor | float = 0.0) -> Tensor:
-    """Deterministic fused colour jitter with explicit per-sample factors (scalars or (B,) tensors).
+    """Fused colour jitter with explicit factors (scalars or per-sample (B,) tensors), one clamp.
 
-    Brightness, contrast and saturation equal torchvision's adjust_* wherever torchvision would not clamp between
-    steps. hue_factor in [-0.5, 0.5] rotates colours by hue_factor * 360 degrees about the grey axis. Like
-    torchvision's HSV hue shift it leaves greys alone, turns the same way, and moves the HSV hue by hue_factor
-    on average (exactly at multiples of 1/6 for primaries); it keeps the channel mean where HSV keeps the max
-    channel and saturation, so pixels differ by a few percent. Measured on saturated colours, the HSV hue moved
-    by hue_factor +- 0.004 (std), against +- 0.015..0.04 for the YIQ rotation often used for this, which is why
-    the grey axis is used rather than YIQ.
+    Brightness, contrast and saturation equal torchvision's adjust_* wherever torchvision would not
+    clamp between steps. hue_factor in [-0.5, 0.5] rotates colours by hue_factor * 360 degrees about the
+    grey axis: like torchvision's HSV hue shift it leaves greys alone, turns the same way and moves the
+    HSV hue by hue_factor on average (exactly for primaries at multiples of 1/6), but it keeps the
+    channel mean where HSV keeps the max channel and saturation, so pixel values differ by a few
+    percent. On saturated colours the HSV hue moved by hue_factor +- 0.004 (std) this way, against
+    +- 0.015-0.04 for a rotation in YIQ's chroma plane, the other common linear choice.
     """
     x = _as_batch(x)
     factors = [torch.as_tensor(f, dtype=torch.float32, device=x.device).expand(x.shape[0])
@@ -262,28 +294,32 @@ def adjust_color(x: Tensor, brightness_factor: Tensor | float = 1.0, contrast_fa
 
 def color_jitter(x: Tensor, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
                  hue: float = 0.1, p: float = 0.8, generator: torch.Generator | None = None) -> Tensor:
-    """RandomApply(ColorJitter) per sample, fused into one pass (fixed order, one clamp; see adjust_color).
+    """RandomApply(ColorJitter, p) with per-sample factors, fused into one pass (see adjust_color).
 
-    Factors are drawn as torchvision does: brightness/contrast/saturation ~ U[max(0, 1 - v), 1 + v],
+    Factors are drawn as in torchvision: brightness, contrast, saturation ~ U[max(0, 1 - v), 1 + v],
     hue ~ U[-hue, hue]; images not selected (probability 1 - p) keep identity factors.
     """
     x = _as_batch(x)
     if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5:
-        raise ValueError(f"need brightness, contrast, saturation >= 0 and hue in [0, 0.5], got "
+        raise ValueError("need brightness, contrast, saturation >= 0 and hue in [0, 0.5], got "
                          f"{brightness=}, {contrast=}, {saturation=}, {hue=}")
     if p == 0 or brightness == contrast == saturation == hue == 0:
         return x
     batch = x.shape[0]
     apply = _coin(batch, p, x, generator)
-    factors = [_uniform((batch,), x, generator, max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
+    factors = [_uniform((batch,), x, generator, max(0.0, 1 - v), 1 + v)
+               for v in (brightness, contrast, saturation)]
     factors.append(_uniform((batch,), x, generator, -hue, hue))
     identity = (1.0, 1.0, 1.0, 0.0)
-    factors = [torch.where(apply, f, neutral) for f, neutral in zip(factors, identity)]
+    factors = [torch.where(apply, factor, neutral) for factor, neutral in zip(factors, identity)]
     return _apply_color_transform(x, *_color_transform(x, *factors, needs_mean=contrast > 0))
 
 
 def random_grayscale(x: Tensor, p: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
-    """Replace each RGB image by its ITU-R 601 luma (kept as 3 channels) with probability p; C=1 passes through."""
+    """Replace RGB images by their ITU-R 601 luma (kept as 3 channels) with probability p.
+
+    1-channel images pass through unchanged.
+    """
     x = _as_batch(x)
     apply = _coin(x.shape[0], p, x, generator)
     if x.shape[1] == 1:
@@ -291,17 +327,17 @@ def random_grayscale(x: Tensor, p: float = 0.2, generator: torch.Generator | Non
     return torch.where(apply[:, None, None, None], _luma(x).expand_as(x), x)
 
 
-# --------------------------------------------------------------------------------------------- blur
+# ---------------------------------------------------------------------------------------------- blur
 
 
 def _default_kernel_size(height: int, width: int) -> int:
-    """About 10% of the image side, odd, at least 3 (SimCLR: 23 for 224 px)."""
+    """About 10% of the shorter side, odd, at least 3 (SimCLR: 23 for 224 px)."""
     size = max(3, int(0.1 * min(height, width)))
     return size if size % 2 else size + 1
 
 
 def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
-    """(B,) sigmas -> (B, kernel_size) normalized 1-D kernels, sampled as torchvision's gaussian_blur does."""
+    """(B,) sigmas -> (B, kernel_size) normalized 1-D kernels, sampled as torchvision's gaussian_blur."""
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, kernel_size, device=sigma.device)  # (K,)
     pdf = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # (B, K)
@@ -314,18 +350,21 @@ def _blur(x: Tensor, kernels: Tensor) -> Tensor:
     kernel_size = kernels.shape[1]
     pad = kernel_size // 2
     if pad >= min(height, width):
-        raise ValueError(f"kernel_size {kernel_size} too large for {height}x{width} images; "
+        raise ValueError(f"kernel_size {kernel_size} is too large for {height}x{width} images; "
                          f"use at most {2 * min(height, width) - 1}")
     weight = kernels.repeat_interleave(channels, dim=0)  # (B*C, K): one group per (image, channel)
     flat = F.pad(x.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
-    flat = F.conv2d(flat, weight[:, None, None, :], groups=batch * channels)  # (1, B*C, H+2p, W)
+    flat = F.conv2d(flat, weight[:, None, None, :], groups=batch * channels)  # (1, B*C, H + 2 pad, W)
     flat = F.conv2d(flat, weight[:, None, :, None], groups=batch * channels)  # (1, B*C, H, W)
     return flat.view(batch, channels, height, width)
 
 
 def gaussian_blur(x: Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0),
                   kernel_size: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Gaussian blur with sigma ~ U[sigma] per sample, applied with probability p (SimCLR's blur)."""
+    """Gaussian blur with sigma ~ U[sigma] per sample, applied with probability p (as in SimCLR).
+
+    kernel_size defaults to ~10% of the shorter image side (odd, >= 3); borders are reflected.
+    """
     x = _as_batch(x)
     if kernel_size is None:
         kernel_size = _default_kernel_size(*x.shape[-2:])
@@ -335,27 +374,28 @@ def gaussian_blur(x: Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 
         raise ValueError(f"need 0 < sigma[0] <= sigma[1], got {sigma}")
     batch = x.shape[0]
     apply = _coin(batch, p, x, generator)
-    kernels = _gaussian_kernels(_uniform((batch,), x, generator, sigma[0], sigma[1]), kernel_size)  # (B, K)
+    kernels = _gaussian_kernels(_uniform((batch,), x, generator, *sigma), kernel_size)  # (B, K)
     # unselected images get a unit impulse, so one batched convolution leaves them exactly unchanged
-    impulse = F.one_hot(torch.tensor(kernel_size // 2, device=x.device), kernel_size).float()  # (K,)
+    impulse = torch.zeros(kernel_size, device=x.device)  # (K,)
+    impulse[kernel_size // 2] = 1.0
     return _blur(x, torch.where(apply[:, None], kernels, impulse))
 
 
-# --------------------------------------------------------------------------------------------- mixing
+# -------------------------------------------------------------------------------------------- mixing
 
 
 def _log_gamma_sample(concentration: float, shape: tuple[int, ...], like: Tensor,
                       generator: torch.Generator | None, tries: int = 16) -> Tensor:
-    """log of Gamma(concentration, 1) samples (Marsaglia & Tsang, 2000), vectorized over `tries` proposals.
+    """log of Gamma(concentration, 1) samples (Marsaglia & Tsang, 2000), `tries` proposals at once.
 
-    torch.distributions cannot take a generator, so this keeps seeded runs repeatable. Each proposal is accepted
-    with probability > 0.95, so 16 all failing (then the first is used) has probability < 1e-20.
+    torch.distributions takes no generator; this keeps seeded runs repeatable. A proposal is accepted
+    with probability > 0.95, so all 16 failing (the first is then used) has probability < 1e-20.
     """
     boosted = concentration < 1  # Gamma(a) = Gamma(a + 1) * U^(1/a)
     a = concentration + 1 if boosted else concentration
     d = a - 1 / 3
     c = 1 / math.sqrt(9 * d)
-    device = generator.device if generator is not None else like.device
+    device = _draw_device(like, generator)
     normal = torch.randn((*shape, tries), generator=generator, device=device)
     uniform = torch.rand((*shape, tries), generator=generator, device=device)
     v = (1 + c * normal) ** 3
@@ -363,8 +403,9 @@ def _log_gamma_sample(concentration: float, shape: tuple[int, ...], like: Tensor
     accept = (v > 0) & (torch.log(uniform) < 0.5 * normal**2 + d - d * v + d * log_v)
     first = accept.int().argmax(dim=-1, keepdim=True)
     log_sample = (math.log(d) + log_v).gather(-1, first).squeeze(-1)
-    if boosted:  # in log space: U^(1/a) underflows float32 for small a
-        log_sample = log_sample + torch.log1p(-torch.rand(shape, generator=generator, device=device)) / concentration
+    if boosted:  # log space: U^(1/a) underflows float32 for small a
+        u = 1 - torch.rand(shape, generator=generator, device=device)  # in (0, 1]
+        log_sample = log_sample + torch.log(u) / concentration
     return log_sample.to(like.device)
 
 
@@ -379,33 +420,43 @@ def _sample_beta(alpha: float, shape: tuple[int, ...], like: Tensor,
 
 
 def _soft_targets(targets: Tensor, num_classes: int) -> Tensor:
-    """Integer labels (B,) -> one-hot (B, num_classes); soft targets (B, num_classes) pass through as float."""
+    """Integer labels (B,) -> one-hot (B, num_classes); soft targets (B, num_classes) pass through."""
+    if targets.ndim not in (1, 2):
+        raise ValueError(f"targets must be labels (B,) or soft targets (B, num_classes), "
+                         f"got shape {tuple(targets.shape)}")
     if targets.ndim == 2:
         if targets.shape[1] != num_classes:
             raise ValueError(f"soft targets have {targets.shape[1]} classes but num_classes={num_classes}")
         return targets.float()
-    return F.one_hot(targets.long(), num_classes).float()
+    # scatter rather than F.one_hot, which checks the label range with a host sync on CUDA
+    one_hot = torch.zeros(targets.shape[0], num_classes, device=targets.device)
+    return one_hot.scatter_(1, targets.long()[:, None], 1.0)
 
 
 def mixup(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """mixup (Zhang et al., 2018): lam ~ Beta(alpha, alpha) per batch, blend with a permuted batch.
+    """mixup (Zhang et al., 2018): one lam ~ Beta(alpha, alpha) per batch, blended with a permutation.
 
-    Returns (lam * x + (1 - lam) * x[perm], lam * onehot(y) + (1 - lam) * onehot(y[perm])), rows summing to one.
+    Returns (lam x + (1 - lam) x[perm], lam onehot(y) + (1 - lam) onehot(y[perm])); the soft targets
+    (B, num_classes) sum to one per row. targets may be labels (B,) or soft targets (B, num_classes).
     """
     x = _as_batch(x)
     soft = _soft_targets(targets.to(x.device), num_classes)  # (B, K)
-    lam = _sample_beta(alpha, (), x, generator)  # scalar tensor, no host sync
+    lam = _sample_beta(alpha, (), x, generator)  # 0-d tensor: no host sync
     perm = _randperm(x.shape[0], x, generator)
     return torch.lerp(x[perm], x, lam), torch.lerp(soft[perm], soft, lam)
 
 
 def cutmix(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """CutMix (Yun et al., 2019): paste one box from a permuted batch; lam corrected to the clipped box's area."""
+    """CutMix (Yun et al., 2019): paste one box from a permuted batch into every image.
+
+    The box has area ~ (1 - lam) with lam ~ Beta(alpha, alpha), a uniform centre, and is clipped at the
+    border; lam is then corrected to the share of pixels actually kept, so targets match the pixels.
+    """
     x = _as_batch(x)
     soft = _soft_targets(targets.to(x.device), num_classes)  # (B, K)
-    _, _, height, width = x.shape
+    height, width = x.shape[-2:]
     lam = _sample_beta(alpha, (), x, generator)
     perm = _randperm(x.shape[0], x, generator)
     cut_ratio = torch.sqrt(1 - lam)
@@ -422,15 +473,15 @@ def cutmix(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
     return mixed, torch.lerp(soft[perm], soft, lam)
 
 
-# --------------------------------------------------------------------------------------------- pipelines
+# ----------------------------------------------------------------------------------------- pipelines
 
 
 @dataclass
 class SimCLRAugment:
-    """One SimCLR view per call (Chen et al., 2020): crop + flip, colour jitter, grayscale, optional blur.
+    """One SimCLR view per call (Chen et al., 2020): crop + flip, colour jitter, grayscale, blur.
 
-    Jitter strength s gives brightness = contrast = saturation = 0.8 s and hue = 0.2 s. SimCLR blurs with
-    p = 0.5 on ImageNet and not at all on 32 px CIFAR (blur_p = 0, the default here).
+    Jitter strength s sets brightness = contrast = saturation = 0.8 s and hue = 0.2 s. SimCLR blurs
+    with p = 0.5 on ImageNet and not at all on 32 px CIFAR (blur_p = 0, the default here).
     """
 
     size: int
@@ -444,28 +495,29 @@ class SimCLRAugment:
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         x = _as_batch(images)
         flip = _coin(x.shape[0], self.flip_p, x, generator)
-        x = _resized_crop(x, _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator), _pair(self.size), flip)
+        boxes = _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator)
+        x = _resized_crop(x, boxes, _pair(self.size), flip)  # (B, C, size, size)
         strength = self.jitter_strength
         x = color_jitter(x, 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength,
                          p=self.jitter_p, generator=generator)
         x = random_grayscale(x, self.grayscale_p, generator)
         if self.blur_p > 0:
             x = gaussian_blur(x, p=self.blur_p, generator=generator)
-        return x  # (B, C, size, size)
+        return x
 
     def views(self, images: Tensor, n: int = 2, generator: torch.Generator | None = None) -> list[Tensor]:
-        """n independent views of the same batch (the uint8 -> float conversion is done once)."""
+        """n independent views of the same batch (uint8 -> float conversion done once)."""
         x = _as_batch(images)
         return [self(x, generator) for _ in range(n)]
 
 
 @dataclass
 class FinetuneAugment:
-    """Light supervised augmentation: random resized crop (or resize) + flip, optional rotation, jitter, cutout.
+    """Supervised augmentation: random resized crop (or resize) + flip, rotation, jitter, cutout.
 
-    size=None keeps the input size; crop_scale=None disables cropping (images are only resized to size).
-    Jitter strength s is torchvision's common ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s), applied to every image.
-    Cutout zeroes a box of half the image side with probability cutout_p.
+    size=None keeps the input size; crop_scale=None disables cropping (images are only resized).
+    Jitter strength s is torchvision's usual ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s), applied to every
+    image; cutout erases a box of half the image side with probability cutout_p.
     """
 
     size: int | None = None
@@ -484,8 +536,8 @@ class FinetuneAugment:
             boxes = _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator)
             x = _resized_crop(x, boxes, size, flip)
         elif size != (height, width):
-            boxes = torch.tensor([0.0, 0.0, height, width], device=x.device).expand(batch, 4)
-            x = _resized_crop(x, boxes, size, flip)
+            whole = torch.tensor([0.0, 0.0, height, width], device=x.device).expand(batch, 4)
+            x = _resized_crop(x, whole, size, flip)
         else:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.rotation_degrees > 0:

@@ -5,9 +5,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 import reprlab.evaluate.knn as knn_module
 from reprlab.evaluate.knn import KNNResult, knn_classify, knn_search, measure_recall, select_knn
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny problems: one thread (torch, BLAS, OpenMP) avoids spin-waits on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
 
 
 def random_features(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:
@@ -65,10 +76,16 @@ def assert_matches_naive(result: KNNResult, naive, labels):
     "case",
     [
         # (bank size, queries, k, bank label pool, query label pool)
-        dict(num_bank=40, num_queries=3, k=5, bank_pool=[3, 7, 100], query_pool=[3, 7]),  # 3 queries, missing class
+        dict(
+            num_bank=40, num_queries=3, k=5, bank_pool=[3, 7, 100], query_pool=[3, 7]
+        ),  # 3 queries, missing class
         dict(num_bank=12, num_queries=7, k=50, bank_pool=[0, 1, 2, 5], query_pool=[0, 1, 2, 5]),  # k > bank
-        dict(num_bank=30, num_queries=9, k=2, bank_pool=[10, 20, 30, 40, 50, 60, 70], query_pool=[10, 40, 70]),
-        dict(num_bank=30, num_queries=9, k=3, bank_pool=[4, 8], query_pool=[4, 8, 99]),  # < 5 classes, unseen 99
+        dict(
+            num_bank=30, num_queries=9, k=2, bank_pool=[10, 20, 30, 40, 50, 60, 70], query_pool=[10, 40, 70]
+        ),
+        dict(
+            num_bank=30, num_queries=9, k=3, bank_pool=[4, 8], query_pool=[4, 8, 99]
+        ),  # < 5 classes, unseen 99
     ],
 )
 def test_knn_classify_matches_naive(backend, case):
@@ -132,7 +149,9 @@ def test_search_normalizes_and_handles_numpy_and_tiny_sets():
     expected = torch.nn.functional.normalize(queries) @ torch.nn.functional.normalize(bank).T
     torch.testing.assert_close(sims, expected.sort(dim=1, descending=True).values)
     for chunk_size in (0, 1, 1024):  # a 0 chunk (peers' N // 100) must not break the loop
-        assert torch.equal(knn_search(bank, queries, 4, backend="torch", chunk_size=chunk_size)[1], idx[:, :4])
+        assert torch.equal(
+            knn_search(bank, queries, 4, backend="torch", chunk_size=chunk_size)[1], idx[:, :4]
+        )
     sims, idx = knn_search(bank[:1], bank[:1], k=5, exclude_self=True)
     assert idx.shape == (1, 0)
 
@@ -167,7 +186,9 @@ def clustered(num_per_class: int, labels: list[int], dim: int = 8, noise: float 
     generator = torch.Generator().manual_seed(seed)
     centers = torch.randn(len(labels), dim, generator=generator)
     y = torch.tensor(labels).repeat_interleave(num_per_class)
-    x = centers.repeat_interleave(num_per_class, dim=0) + noise * torch.randn(len(y), dim, generator=generator)
+    x = centers.repeat_interleave(num_per_class, dim=0) + noise * torch.randn(
+        len(y), dim, generator=generator
+    )
     return x, y
 
 
@@ -187,7 +208,9 @@ def test_select_knn_is_the_argmax_of_its_val_grid(monkeypatch):
     assert len(searched) == 1 and searched[0][0] is val and searched[0][1] == 500  # one search, on val only
     monkeypatch.undo()
 
-    assert [(row["k"], row["temperature"]) for row in choice["grid"]] == [(k, t) for k in ks for t in temperatures]
+    assert [(row["k"], row["temperature"]) for row in choice["grid"]] == [
+        (k, t) for k in ks for t in temperatures
+    ]
     for row in choice["grid"]:  # every grid value equals a separate kNN run on val
         separate = knn_classify(bank, bank_labels, val, k=row["k"], temperature=row["temperature"])
         assert row["val_top1"] == separate.topk(val_labels)

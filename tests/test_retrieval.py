@@ -4,8 +4,19 @@ import math
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from reprlab.evaluate.retrieval import retrieval_metrics
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny problems: one thread (torch, BLAS, OpenMP) avoids spin-waits on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -27,7 +38,12 @@ def test_hand_computed_queries(backend):
     # q3 at 45 deg (label 3, not in the bank): no hits, R = 0 -> excluded from map@r and r_precision
     queries = on_circle([1, 89, 170, 45])
     metrics = retrieval_metrics(
-        on_circle(BANK_DEGREES), BANK_LABELS, queries, torch.tensor([0, 1, 0, 3]), ks=(1, 5, 10), backend=backend
+        on_circle(BANK_DEGREES),
+        BANK_LABELS,
+        queries,
+        torch.tensor([0, 1, 0, 3]),
+        ks=(1, 5, 10),
+        backend=backend,
     )
     assert metrics["precision@1"] == pytest.approx((1 + 1 + 0 + 0) / 4)
     assert metrics["precision@5"] == pytest.approx((3 / 5 + 2 / 5 + 2 / 5 + 0) / 4)
@@ -52,7 +68,9 @@ def test_hand_computed_leave_one_out(backend):
     # b4 (90, B):  b3 A, b2 A, b1 B, b0 A, b5 C -> hits 0 0 1 0 0, R = 1
     # b5 (185, C): no other C, R = 0
     bank = on_circle(BANK_DEGREES)
-    metrics = retrieval_metrics(bank, BANK_LABELS, bank, BANK_LABELS, ks=(1, 3), exclude_self=True, backend=backend)
+    metrics = retrieval_metrics(
+        bank, BANK_LABELS, bank, BANK_LABELS, ks=(1, 3), exclude_self=True, backend=backend
+    )
     assert metrics["precision@1"] == pytest.approx(1 / 6)
     assert metrics["recall@1"] == pytest.approx(1 / 6)
     assert metrics["precision@3"] == pytest.approx((2 / 3 + 0 + 2 / 3 + 2 / 3 + 1 / 3 + 0) / 6)

@@ -7,7 +7,8 @@ Differences from the peers' copies of that code (see design/peers.md section 5):
 - the search is chunked by a fixed number of queries, so 3 queries work as well as 3 million;
 - classes come from the **bank** labels (sorted unique values), so non-contiguous labels and classes absent
   from the queries are fine;
-- ``k`` larger than the bank means "the whole bank", and top-5 with fewer than 5 classes means top-C;
+- ``k`` larger than the bank means "the whole bank"; top-5 with fewer than 5 classes means top-C, and a class
+  that got no vote (k < 5) never counts as predicted;
 - leave-one-out (``exclude_self``) when the queries are the bank;
 - faiss (exact ``IndexFlatIP``, or IVF / HNSW for large banks; GPU when available) with a torch reference.
 """
@@ -73,12 +74,12 @@ def knn_search(
     backend: ``"faiss"`` (GPU when the queries are on CUDA and faiss sees a GPU, else CPU) or ``"torch"``
         (exact reference: chunks of ``chunk_size`` queries, matmul + topk, on the queries' device).
     index: faiss index type. ``"flat"`` is exact (``IndexFlatIP``). ``"ivf"`` (``IndexIVFFlat``, ``nlist``
-        defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and ``"hnsw"``
-        (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are approximate:
-        use ``measure_recall`` to check them. An approximate index may find fewer than k' items for a query;
-        those slots hold index -1 and similarity -inf.
-    exclude_self: leave-one-out when ``queries`` IS ``bank`` (row i is item i): searches one more neighbour and
-        drops each query's own index (by index, not by rank, so exact duplicates are handled).
+        defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and
+        ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are
+        approximate: use ``measure_recall`` to check them. An approximate index may find fewer than k' items
+        for a query; those slots hold index -1 and similarity -inf.
+    exclude_self: leave-one-out when ``queries`` IS ``bank`` (row i is item i): searches one more neighbour
+        and drops each query's own index (by index, not by rank, so exact duplicates are handled).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
@@ -99,7 +100,7 @@ def knn_search(
             f"{num_bank} bank items; pass exclude_self=False for a separate query set"
         )
     k_out = min(k, num_bank - 1) if exclude_self else min(k, num_bank)
-    k_search = min(k_out + 1, num_bank) if exclude_self else k_out
+    k_search = k_out + 1 if exclude_self else k_out  # k_out + 1 <= N: self is dropped afterwards
     if k_out <= 0:  # a one-item bank queried by itself has no other neighbour
         empty = torch.empty(queries.shape[0], 0, device=device)
         return empty, empty.long()
@@ -122,10 +123,9 @@ def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tup
         top = chunk_sims.topk(k, dim=1, largest=True, sorted=True)
         sims.append(top.values)
         idx.append(top.indices)
-    if not sims:
-        return torch.empty(0, k, device=queries.device), torch.empty(
-            0, k, dtype=torch.long, device=queries.device
-        )
+    if not sims:  # no queries
+        empty = torch.empty(0, k, device=queries.device)
+        return empty, empty.long()
     return torch.cat(sims), torch.cat(idx)
 
 
@@ -199,9 +199,8 @@ def _faiss_search(
 def _drop_self(sims: Tensor, idx: Tensor, k_out: int) -> tuple[Tensor, Tensor]:
     """Remove each query's own index from its k_out + 1 neighbours (the last one if self was not found)."""
     num_queries = idx.shape[0]
-    is_self = (
-        idx == torch.arange(num_queries, device=idx.device)[:, None]
-    )  # (Q, k_out + 1), at most one per row
+    own_index = torch.arange(num_queries, device=idx.device)[:, None]  # (Q, 1)
+    is_self = idx == own_index  # (Q, k_out + 1), at most one True per row
     # Exact duplicates can push self out of the list: then drop the farthest neighbour instead.
     is_self[~is_self.any(dim=1), -1] = True
     keep = ~is_self

@@ -2,7 +2,7 @@
 
 Alignment and uniformity: Wang & Isola (2020), "Understanding Contrastive Representation Learning through
 Alignment and Uniformity on the Hypersphere". Effective rank: RankMe, Garrido et al. (2023).
-Embedding std as a collapse monitor: the per-dimension std of L2-normalised embeddings (SimSiam, Chen & He 2021).
+Embedding std as a collapse monitor: per-dimension std of L2-normalised embeddings (SimSiam, Chen & He 2021).
 """
 
 from __future__ import annotations

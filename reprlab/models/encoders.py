@@ -11,7 +11,6 @@ Names: ``resnet18`` (any torchvision classification model; ``cifar_stem=True`` f
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +47,17 @@ class Encoder(nn.Module):
         return self.backbone(images)
 
     def layer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """Parameter groups ordered from input to output: ``[(group name, [params]), ...]``."""
+        """Parameter groups ordered from input to output: ``[(group name, [params]), ...]``.
+
+        Every backbone parameter is in exactly one group. Freezing policies and layer-wise LR decay speak in
+        these groups (ResNet: stem, layer1..4; ViT: stem, blocks; HF: embeddings, layer0.., head)."""
         named = dict(self.backbone.named_parameters())
-        if self._groups is None:
-            return [(name, [p]) for name, p in named.items()]
-        return [(group, [named[n] for n in names]) for group, names in self._groups]
+        groups = self._groups if self._groups is not None else _trunk_groups(self.backbone)
+        return [(group, [named[n] for n in names]) for group, names in groups]
 
 
-def _prefix_groups(model: nn.Module, prefixes: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, list[str]]]:
+def _prefix_groups(model: nn.Module,
+                   prefixes: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, list[str]]]:
     """Assign each parameter to the first group whose prefixes match its name; unmatched ones join the nearest
     earlier group (or the first)."""
     groups: dict[str, list[str]] = {name: [] for name, _ in prefixes}
@@ -67,6 +69,59 @@ def _prefix_groups(model: nn.Module, prefixes: list[tuple[str, tuple[str, ...]]]
                 break
         groups[last].append(pname)
     return [(g, names) for g, names in groups.items() if names]
+
+
+def _trunk_groups(model: nn.Module, stem: str = "stem", head: str = "head",
+                  layer_name: str | None = None) -> list[tuple[str, list[str]]]:
+    """Groups around the model's trunk, for architectures without a declared grouping.
+
+    The trunk is the ``nn.Sequential`` / ``nn.ModuleList`` with at least two parameterized children that holds
+    the most parameters (ties: the most children), e.g. ViT blocks, EfficientNet/ConvNeXt ``features``, HF
+    ``encoder.layer`` / ``stages``: one group per child, named ``layer_name.format(i)`` (default
+    ``<trunk path>.<child>``); parameters registered before it form ``stem``, after it ``head``. Without a
+    trunk: one group per top-level child.
+    """
+    trunk: tuple[int, int, str, list[str]] | None = None  # (parameters held, children, path, child names)
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
+        children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+        held = sum(p.numel() for p in module.parameters())
+        if len(children) >= 2 and (trunk is None or (held, len(children)) > trunk[:2]):
+            trunk = (held, len(children), path, children)
+    if trunk is None:
+        return _prefix_groups(model, [(n, (n + ".",)) for n, m in model.named_children()
+                                      if any(True for _ in m.parameters())] or [(stem, ("",))])
+    _, _, path, children = trunk
+    prefix = f"{path}." if path else ""
+    names = {c: (layer_name.format(i) if layer_name else f"{prefix}{c}") for i, c in enumerate(children)}
+    groups: dict[str, list[str]] = {stem: [], **{names[c]: [] for c in children}, head: []}
+    after_trunk = False
+    for pname, _ in model.named_parameters():
+        if pname.startswith(prefix) and pname[len(prefix):].split(".")[0] in names:
+            groups[names[pname[len(prefix):].split(".")[0]]].append(pname)
+            after_trunk = True
+        else:  # registration order tells embeddings (before the trunk) from the final norm / pooler (after)
+            groups[head if after_trunk else stem].append(pname)
+    return [(g, group_names) for g, group_names in groups.items() if group_names]
+
+
+def _group_name(index: int, names: list[str]) -> str:
+    """A readable name for a timm parameter group: its module path up to the first part holding a digit
+    ("blocks.3", "layer2", "stages.1"); "stem" for a leading group of loose parameters (cls token, ...)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    if not common and index == 0:
+        return "stem"
+    source = common or parts[0]
+    for depth, part in enumerate(source):
+        if any(ch.isdigit() for ch in part):
+            return ".".join(source[: depth + 1])
+    return source[0] if source else f"group{index}"
 
 
 # --- torchvision ---------------------------------------------------------------------------------------------
@@ -108,11 +163,10 @@ def _torchvision_encoder(name: str, pretrained: bool, weights: str | None, cifar
         load_weights_file(model, local_file)
     spec = {"name": name, "kwargs": {"cifar_stem": cifar_stem, **kwargs}}
     if hasattr(model, "layer4"):  # ResNet family: stem, four stages
-        groups = _prefix_groups(model, [("stem", ("conv1", "bn1")), ("layer1", ("layer1",)), ("layer2", ("layer2",)),
-                                        ("layer3", ("layer3",)), ("layer4", ("layer4",))])
-    else:  # generic: top-level children in definition order
-        groups = _prefix_groups(model, [(n, (n + ".",)) for n, m in model.named_children()
-                                        if any(True for _ in m.parameters())])
+        stages = [(f"layer{i}", (f"layer{i}.",)) for i in range(1, 5)]
+        groups = _prefix_groups(model, [("stem", ("conv1.", "bn1.")), *stages])
+    else:  # VGG, EfficientNet, ConvNeXt, ViT, ...: around the trunk of blocks
+        groups = _trunk_groups(model)
     return Encoder(model, feature_dim, spec, groups=groups)
 
 
@@ -145,12 +199,18 @@ def _timm_encoder(model_name: str, pretrained: bool, weights: str | None, **kwar
     model = timm.create_model(model_name, num_classes=0, **kwargs_create, **kwargs)
     cfg = model.pretrained_cfg or {}
     mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    groups = None
-    if hasattr(model, "group_matcher"):
+    if hasattr(model, "group_matcher"):  # timm's own grouping (also used by its layer-decay optimizers)
         from timm.models import group_parameters
 
         by_id = group_parameters(model, model.group_matcher(coarse=True))
-        groups = [(f"group{i}", names) for i, names in sorted(by_id.items())]
+        groups, seen = [], set()
+        for i, (_, names) in enumerate(sorted(by_id.items())):
+            name = _group_name(i, names)
+            name = name if name not in seen else f"{name}.{i}"
+            seen.add(name)
+            groups.append((name, names))
+    else:
+        groups = _trunk_groups(model)
     return Encoder(model, model.num_features, {"name": f"timm:{model_name}", "kwargs": kwargs}, mean, std, groups)
 
 
@@ -205,16 +265,10 @@ def _hf_encoder(model_id: str, pretrained: bool, weights: str | None, hf_config:
     config_dict = config.to_dict()
     config_dict["_reprlab"] = {"image_mean": list(mean), "image_std": list(std)}
     spec = {"name": f"hf:{model_id}", "kwargs": {"hf_config": config_dict}}
-    # transformer / stage layers: "model.encoder.layer.3." (transformers 4), "model.layers.3." (5), ...
-    layer_re = re.compile(r"^(model\.(?:.*\.)?(?:layer|layers|stages|blocks)\.)(\d+)\.")
-    found = [m for n, _ in wrapper.named_parameters() if (m := layer_re.match(n))]
-    prefixes = [("embeddings", ("model.embeddings",))]
-    if found:
-        layer_prefix = found[0].group(1)
-        n_layers = len({m.group(2) for m in found if m.group(1) == layer_prefix})
-        prefixes += [(f"layer{i}", (f"{layer_prefix}{i}.",)) for i in range(n_layers)]
-    prefixes += [("head", ("model.layernorm", "model.pooler", "model.norm"))]
-    return Encoder(wrapper, feature_dim, spec, mean, std, _prefix_groups(wrapper, prefixes), input_size)
+    # layers of the trunk: "model.encoder.layer.3." (ViT, transformers 4), "model.layers.3." (5),
+    # "model.encoder.stages.1." (ResNet, ConvNeXt); embeddings before, final layernorm / pooler after
+    groups = _trunk_groups(wrapper, stem="embeddings", head="head", layer_name="layer{}")
+    return Encoder(wrapper, feature_dim, spec, mean, std, groups, input_size)
 
 
 # --- factory -------------------------------------------------------------------------------------------------

@@ -69,23 +69,28 @@ def save_weights(path: str | Path, module: nn.Module) -> None:
     atomic_write(path, lambda tmp: save_model(module, tmp))
 
 
-def load_weights(path: str | Path, module: nn.Module) -> None:
-    """Strictly load safetensors weights into ``module``; errors name the file and the mismatched keys."""
+def load_weights(path: str | Path, module: nn.Module, expected: str | None = None) -> None:
+    """Strictly load safetensors weights into ``module``; errors name the file, the model it was loaded into
+    (``expected``, e.g. the encoder spec) and the mismatched keys or shapes, without torch's stack trace."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     path = Path(path)
+    target = expected or type(module).__name__
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
     try:
         missing, unexpected = load_model(module, str(path), strict=False)
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read weights file {str(path)!r} (corrupt or not safetensors): {err}") from err
-    except RuntimeError as err:  # shape mismatch
-        raise CheckpointError(f"weights file {str(path)!r} does not fit the model: {err}") from err
+        raise CheckpointError(f"cannot read weights file {str(path)!r} (corrupt, truncated or not safetensors): "
+                              f"{err}") from None
+    except RuntimeError as err:  # shape mismatch: keep torch's "size mismatch for <key>: ..." lines, not its trace
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line] or [str(err)]
+        raise CheckpointError(f"weights file {str(path)!r} does not fit {target}: {' '.join(lines[:2])}"
+                              + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")) from None
     if missing or unexpected:
-        raise CheckpointError(f"weights file {str(path)!r} does not fit the model: missing keys {sorted(missing)[:5]}, "
-                              f"unexpected keys {sorted(unexpected)[:5]}")
+        raise CheckpointError(f"weights file {str(path)!r} does not fit {target}: missing keys "
+                              f"{sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
 
 
 def save_encoder(run_dir: str | Path, encoder: nn.Module, meta: dict[str, Any]) -> None:
@@ -116,7 +121,9 @@ def load_encoder(path: str | Path):  # -> Encoder (import kept lazy: models pull
     meta = read_meta(run_dir)
     spec = meta["encoder"]
     encoder = create_encoder(spec["name"], **spec.get("kwargs", {}))
-    load_weights(run_dir / "encoder.safetensors", encoder)
+    kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "hf_config"}  # HF configs are long
+    load_weights(run_dir / "encoder.safetensors", encoder,
+                 expected=f"the encoder {spec['name']!r} {kwargs} named in {run_dir / 'meta.json'}")
     return encoder.eval()
 
 
@@ -154,14 +161,26 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_state(path: str | Path) -> dict[str, Any]:
     """Load resume state with ``weights_only=True``: tensors and plain containers only, never arbitrary objects."""
+    import re
+
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"resume state {str(path)!r} does not exist") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(f"refusing to load {str(path)!r}: it holds Python objects other than tensors, "
-                                  f"which could run code when unpickled; delete it or restart with resume: false") from None
-        raise CheckpointError(f"resume state {str(path)!r} is corrupt or truncated ({type(err).__name__}); delete "
-                              f"it to start over or set train.resume=false") from None
+        text = str(err)
+        start_over = "delete it, or set train.resume=false to start over"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(f"refusing to load {str(path)!r}: it holds Python objects other than tensors "
+                                  f"({found.group(1)}), which could run code when unpickled; it was not written "
+                                  f"by reprlab: {start_over}") from None
+        if "Weights only load failed" in text:
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            raise CheckpointError(f"refusing to load {str(path)!r}: it is corrupt or not a reprlab checkpoint "
+                                  f"(weights-only unpickling failed: {reason.group(1) if reason else 'unknown'}), "
+                                  f"and unpickling it fully could run code; {start_over}") from None
+        first_line = text.strip().splitlines()[0][:200] if text.strip() else ""
+        raise CheckpointError(f"resume state {str(path)!r} is corrupt or truncated ({type(err).__name__}: "
+                              f"{first_line}); {start_over}") from None

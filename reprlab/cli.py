@@ -39,9 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = _run(args.stage, config)
-    print(f"wrote {run_dir}")
+    try:
+        run_dir = _run(args.stage, config)
+    except Exception as err:  # noqa: BLE001 - only the errors that explain themselves lose their traceback
+        if not isinstance(err, _user_errors()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from reprlab import distributed
+
+    if distributed.is_main():
+        print(f"wrote {run_dir}")
+    distributed.teardown()
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Bad input (config, data, checkpoint) or a diverged run: the message says what to change."""
+    from reprlab.checkpoint import CheckpointError
+    from reprlab.data.datasets import DatasetError
+    from reprlab.engine import NonFiniteLossError
+
+    return ConfigError, CheckpointError, DatasetError, NonFiniteLossError
 
 
 def stage_main(stage: str) -> int:

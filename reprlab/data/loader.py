@@ -2,11 +2,13 @@
 
 The order of an epoch is a function of (seed, epoch) alone, so a run resumed mid-epoch replays exactly the batches
 it had not seen. Under DDP each rank takes an interleaved, equal-sized share of the permutation (like
-DistributedSampler with drop_last), so every rank runs the same number of steps.
+DistributedSampler: ``drop_last`` drops the tail that does not divide evenly, otherwise the head is repeated as
+padding), so every rank runs the same number of steps.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -15,13 +17,32 @@ from torch import Tensor
 from reprlab.data.datasets import ImageSet
 
 
+def shard(order: Tensor, rank: int, world_size: int, drop_last: bool) -> Tensor:
+    """This rank's equal share of ``order`` (DistributedSampler's interleaving): ``order[rank::world_size]`` after
+    dropping the last ``len % world_size`` items (``drop_last``) or padding with the first ones."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    n = len(order)
+    if drop_last:
+        order = order[: n - n % world_size]
+    elif n % world_size:
+        pad = world_size - n % world_size
+        order = torch.cat([order, order.repeat(-(-pad // max(n, 1)))[:pad]])
+    return order[rank::world_size]
+
+
 class Batches:
-    """Iterate an :class:`ImageSet` in batches of ``{"images": uint8 (B,C,H,W), "labels": (B,), "index": (B,)}``."""
+    """Iterate an :class:`ImageSet` in batches of ``{"images": uint8 (B,C,H,W), "labels": (B,), "index": (B,)}``.
+
+    ``index`` is each image's position in ``data`` (on the CPU); images and labels are on the device of ``data``
+    (see :meth:`to`)."""
 
     def __init__(self, data: ImageSet, batch_size: int, shuffle: bool = True, drop_last: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         per_rank = len(data) // world_size if drop_last else -(-len(data) // world_size)
@@ -35,6 +56,16 @@ class Batches:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def to(self, device: torch.device | str) -> Batches:
+        """The same batches served from ``device`` (e.g. a whole small dataset on the GPU: no host copies)."""
+        device = torch.device(device)
+        if self.data.images.device == device:
+            return self
+        moved = copy.copy(self)
+        labels = self.data.labels.to(device) if self.data.labels is not None else None
+        moved.data = ImageSet(self.data.images.to(device), labels, self.data.classes)
+        return moved
+
     def order(self, epoch: int) -> Tensor:
         """This rank's sample indices for ``epoch``."""
         n = len(self.data)
@@ -42,17 +73,15 @@ class Batches:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
         else:
             order = torch.arange(n)
-        if self.drop_last:
-            order = order[: n - n % self.world_size]
-        elif n % self.world_size:  # pad by repeating, as DistributedSampler does
-            order = torch.cat([order, order[: self.world_size - n % self.world_size]])
-        return order[self.rank :: self.world_size]
+        return shard(order, self.rank, self.world_size, self.drop_last)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
         order = self.order(epoch)
+        device = self.data.images.device
         for step in range(start_step, self.steps_per_epoch):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            batch = {"images": self.data.images[index], "index": index}
+            on_device = index.to(device, non_blocking=True)
+            batch = {"images": self.data.images[on_device], "index": index}
             if self.data.labels is not None:
-                batch["labels"] = self.data.labels[index]
+                batch["labels"] = self.data.labels[on_device]
             yield batch

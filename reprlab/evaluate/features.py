@@ -1,4 +1,9 @@
-"""Batched feature extraction under ``torch.inference_mode``, in dataset order, optionally cached on disk."""
+"""Batched feature extraction under ``torch.inference_mode``, in dataset order, optionally cached on disk.
+
+Under torchrun, ``extract_features(..., shard=True)`` (called on every rank) splits the images across ranks like
+DistributedSampler (padding with repeated images so every rank has as many), gathers the features and puts them
+back in dataset order with the padding duplicates dropped, so every rank gets the same (N, D) tensor.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +15,60 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reprlab import distributed
+from reprlab.data.loader import shard as shard_indices
 
-@torch.inference_mode()
-def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
-                     device: torch.device | str = "cpu", precision: str = "auto") -> Tensor:
-    """Features (N, D) float32 on the CPU for uint8 (or [0, 1] float) images (N, C, H, W), in input order.
 
-    ``precision="auto"`` uses bf16 autocast on CUDA and fp32 on the CPU."""
-    device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval().to(device)
-    use_amp = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+def _extract(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool) -> Tensor:
+    """Features (N, D) float32 on ``device``."""
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
         batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            chunks.append(encoder(batch).float().cpu())
-    encoder.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+            chunks.append(encoder(batch).float())
+    return torch.cat(chunks)
+
+
+@torch.inference_mode()
+def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
+                     device: torch.device | str = "cpu", precision: str = "auto", shard: bool = False) -> Tensor:
+    """Features (N, D) float32 on the CPU for uint8 (or [0, 1] float) images (N, C, H, W), in input order.
+
+    ``precision="auto"`` uses bf16 autocast on CUDA and fp32 on the CPU. ``shard=True`` under DDP: every rank
+    must call this; each extracts about N / world_size images and all receive the full, ordered result."""
+    device = torch.device(device)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = encoder.training
+    encoder.eval().to(device)
+    use_amp = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    world = distributed.world_size() if shard else 1
+    try:
+        if len(images) == 0:
+            return torch.empty(0, 0)
+        if world == 1:
+            return _extract(encoder, images, batch_size, device, use_amp).cpu()
+        return _extract_sharded(encoder, images, batch_size, device, use_amp, world).cpu()
+    finally:
+        encoder.train(was_training)
+
+
+def _extract_sharded(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool,
+                     world: int) -> Tensor:
+    n = len(images)
+    index = shard_indices(torch.arange(n), distributed.rank(), world, drop_last=False)  # (m,) padded
+    local = _extract(encoder, images[index], batch_size, device, use_amp)  # (m, D)
+    gathered = distributed.all_gather(local)  # (world * m, D), rank-major
+    gathered_index = distributed.all_gather(index.to(device))  # (world * m,)
+    m = len(index)
+    # rank r's i-th item sat at position i * world + r of the padded order; positions >= n are the padding
+    position = (torch.arange(world, device=device)[:, None]
+                + torch.arange(m, device=device)[None, :] * world).flatten()  # (world * m,) rank-major
+    keep = position < n
+    out = torch.empty(n, gathered.shape[1], dtype=gathered.dtype, device=device)
+    out[gathered_index[keep]] = gathered[keep]
+    return out
 
 
 def cache_key(**parts: Any) -> str:
@@ -37,7 +77,9 @@ def cache_key(**parts: Any) -> str:
 
 
 def cached_features(cache_dir: str | Path | None, key: str, compute) -> Tensor:  # noqa: ANN001 - a thunk
-    """Return the features stored under ``key`` in ``cache_dir`` (safetensors), computing and storing them once."""
+    """Return the features stored under ``key`` in ``cache_dir`` (safetensors), computing and storing them once.
+
+    Under DDP only rank 0 writes the file (the run directory must be shared by all nodes)."""
     from safetensors.torch import load_file, save_file
 
     from reprlab.checkpoint import atomic_write
@@ -48,5 +90,6 @@ def cached_features(cache_dir: str | Path | None, key: str, compute) -> Tensor: 
     if path.is_file():
         return load_file(str(path))["features"]
     features = compute()
-    atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
+    if distributed.is_main():
+        atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
     return features

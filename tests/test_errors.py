@@ -1,0 +1,216 @@
+"""Bad input gets a clear error (each message is checked): config keys and types, dataset paths, empty and
+corrupt image folders, a checkpoint from another encoder, NaN/inf losses, k larger than the bank, and a label
+fraction that empties a class."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from reprlab import checkpoint
+from reprlab.checkpoint import CheckpointError
+from reprlab.config import ConfigError, EvaluateConfig, PretrainConfig, load_config
+from reprlab.data.datasets import DatasetError, ImageSet, load_dataset, per_class_subset
+from reprlab.data.loader import Batches
+from reprlab.engine import NonFiniteLossError, fit
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_config_key_names_key_valid_keys_and_file(tmp_path):
+    path = write_yaml(tmp_path, "train:\n  epoch: 5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(PretrainConfig, path)
+    message = str(caught.value)
+    assert "'train.epoch'" in message and "'epochs'" in message and str(path) in message
+
+
+def test_wrong_config_type_names_key_type_and_file(tmp_path):
+    path = write_yaml(tmp_path, "train:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match=r"'train\.epochs' must be int, got 'ten'") as caught:
+        load_config(PretrainConfig, path)
+    assert str(path) in str(caught.value)
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be float, got True"):
+        load_config(PretrainConfig, None, ["optim.lr=true"])
+
+
+def test_cli_prints_config_errors_without_a_traceback(tmp_path, capsys):
+    from reprlab.cli import main
+
+    path = write_yaml(tmp_path, "optim:\n  learning_rate: 0.1\n")
+    assert main(["pretrain", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'optim.learning_rate'" in err and "'lr'" in err
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+def test_missing_dataset_paths(tmp_path):
+    with pytest.raises(DatasetError, match=r"image folder '.*nowhere' does not exist"):
+        load_dataset(f"folder:{tmp_path / 'nowhere'}")
+    with pytest.raises(DatasetError, match=r"npz dataset folder '.*nowhere' does not exist"):
+        load_dataset(f"npz:{tmp_path / 'nowhere'}")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'cifar11'; choose from"):
+        load_dataset("cifar11")
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"holds no image files \(looked for \["):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def write_png(path: Path, value: int) -> None:
+    from torchvision.io import write_png
+
+    write_png(torch.full((3, 6, 6), value, dtype=torch.uint8), str(path))
+
+
+def test_corrupt_image_is_skipped_with_a_warning_and_a_count(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        write_png(tmp_path / cls / "good.png", 10 if cls == "a" else 200)
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "b" / "fake.jpg").write_text("text with an image suffix")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image file\(s\), first: .*broken\.png"):
+        data = load_dataset(f"folder:{tmp_path}", image_size=4, val_fraction=0)
+    assert len(data.train) == 2 and data.train.labels.tolist() == [0, 1]
+    assert data.train.images.shape == (2, 3, 4, 4)
+
+
+def test_folder_of_only_corrupt_images(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"nope")
+    with pytest.raises(DatasetError, match=r"no readable images among 1 file\(s\)"), pytest.warns(UserWarning):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_label_fraction_that_leaves_a_class_empty():
+    labels = torch.tensor([0] * 50 + [1] * 3)
+    with pytest.raises(ValueError, match=r"label_fraction=0\.1 leaves class 1 with no labeled image \(3 available\)"):
+        per_class_subset(labels, fraction=0.1)
+    assert len(per_class_subset(labels, fraction=0.5)) == 25 + 2
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+class Task(nn.Module):
+    def __init__(self, width: int = 4, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, width)
+        self.nan_at, self.calls = nan_at, 0
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self.calls += 1
+        loss = self.linear(batch["images"].flatten(1).float() / 255).pow(2).mean()
+        if self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def batches() -> Batches:
+    generator = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (24, 1, 2, 2), dtype=torch.uint8, generator=generator),
+                    torch.zeros(24, dtype=torch.long), ["a"])
+    return Batches(data, 4, seed=0)  # 6 steps per epoch
+
+
+def train(task: nn.Module, run_dir: Path | None, lr: float = 0.1, **kwargs):
+    optimizer = torch.optim.SGD(task.parameters(), lr=lr)
+    kwargs = {"epochs": 1, "progress": False, **kwargs}
+    return fit(task, batches(), optimizer, None, device=CPU, run_dir=run_dir, **kwargs)
+
+
+def test_resume_with_another_encoder_names_both(tmp_path):
+    train(Task(), tmp_path, identity={"encoder": "resnet18", "method": "simclr"})
+    with pytest.raises(CheckpointError) as caught:
+        train(Task(), tmp_path, epochs=2, identity={"encoder": "timm:vit_tiny_patch16_224", "method": "simclr"})
+    message = str(caught.value)
+    assert "'resnet18'" in message and "'timm:vit_tiny_patch16_224'" in message and "state.pt" in message
+    assert "train.resume=false" in message
+
+
+def test_resume_state_that_does_not_fit_the_model(tmp_path):
+    train(Task(width=4), tmp_path)
+    with pytest.raises(CheckpointError, match=r"state\.pt does not fit this run's model .*size mismatch"):
+        train(Task(width=5), tmp_path, epochs=2)
+
+
+def test_load_encoder_with_weights_of_another_encoder_names_both(tmp_path):
+    from reprlab.models.encoders import create_encoder
+
+    checkpoint.save_encoder(tmp_path, create_encoder("resnet18"), {})  # 7x7 stem
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["encoder"]["kwargs"]["cifar_stem"] = True  # meta.json now asks for the 3x3 CIFAR stem
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.load_encoder(tmp_path)
+    message = str(caught.value)
+    assert "encoder.safetensors" in message and "'resnet18' {'cifar_stem': True}" in message
+    assert "size mismatch for backbone.conv1.weight" in message and "[64, 3, 7, 7]" in message
+    assert "[64, 3, 3, 3]" in message
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    task = Task(nan_at=3)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train(task, tmp_path, log_every=5, checkpoint_every_steps=2)
+    message = str(caught.value)
+    assert "epoch 1, step 3 (global step 3)" in message and "last good checkpoint" in message
+    assert str(tmp_path / "state.pt") in message
+    assert task.calls == 4  # stopped at the checkpoint after step 4: it was not written
+    state = checkpoint.load_state(tmp_path / "state.pt")
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing non-finite was logged
+
+
+def test_exploding_lr_stops_before_saving_non_finite_weights(tmp_path):
+    task = Task()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(NaN or inf\) at epoch 1, step \d"):
+        train(task, tmp_path, lr=1e30, log_every=1)
+    assert not (tmp_path / "state.pt").exists()  # no good checkpoint existed, none was made
+
+
+def test_nan_without_run_dir_is_still_caught():
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
+        train(Task(nan_at=6), None, log_every=100)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_pixels(tmp_path: Path, k: int) -> dict:
+    from reprlab.evaluate.run import evaluate
+
+    cfg = load_config(EvaluateConfig, None, [
+        f"out_dir={tmp_path}", f"name=k{k}", "encoders=[pixels]", "data.limit=50", f"knn.k={k}",
+        "knn.select_on_val=false", "knn.backend=torch", "linear_probe=false", "sklearn_probe=false",
+        "retrieval_ks=[]", "quality_images=0", "report=false", "cache_features=false", "device=cpu"])
+    evaluate(cfg)
+    return json.loads((tmp_path / f"k{k}" / "metrics.json").read_text())
+
+
+def test_k_larger_than_the_bank_uses_the_whole_bank(tmp_path):
+    huge = evaluate_pixels(tmp_path, k=100_000)
+    bank_size = huge["num_images"]["train"]
+    assert 0 < bank_size < 100_000
+    whole = evaluate_pixels(tmp_path, k=bank_size)
+    top1 = huge["encoders"]["pixels"]["knn_top1"]
+    assert math.isfinite(top1) and top1 == whole["encoders"]["pixels"]["knn_top1"]

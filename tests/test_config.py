@@ -62,3 +62,28 @@ def test_every_shipped_config_loads(path):
     stage = path.parent.name
     cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvaluateConfig}[stage]
     load_config(cls, path)
+
+
+def test_yaml_exponent_without_dot_is_a_float():
+    assert load_config(PretrainConfig, None, ["optim.weight_decay=1e-6"]).optim.weight_decay == 1e-6
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(PretrainConfig, None, ["optim.lr=fast"])
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+    import typing
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def all_keys(cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from all_keys(hints[f.name])
+
+    missing = sorted({k for cls in (PretrainConfig, FinetuneConfig, EvaluateConfig) for k in all_keys(cls)
+                      if f"`{k}`" not in readme})
+    assert not missing, f"README's configuration reference lacks {missing}"

@@ -160,23 +160,45 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class KNNConfig:
+    """Weighted kNN (InstDisc / DINO protocol). With ``select_on_val`` (the default) k and temperature are
+    chosen on the validation split from ``ks`` x ``temperatures``; ``k`` / ``temperature`` break ties (the
+    closest wins) and are used as they are without a validation split or when ``select_on_val`` is false."""
+
     k: int = 20
     temperature: float = 0.07
     backend: str = "faiss"  # faiss | torch
-    select_on_val: bool = False  # choose k and temperature on the validation split from `ks` x `temperatures`
+    index: str = "flat"  # faiss index: flat (exact) | ivf | hnsw (approximate, for banks of millions)
+    select_on_val: bool = True
     ks: list = field(default_factory=lambda: [10, 20, 50, 100, 200])
     temperatures: list = field(default_factory=lambda: [0.02, 0.05, 0.07, 0.1, 0.2, 0.5])
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    """Several encoders on one labeled dataset: kNN, retrieval, linear probes, label-free quality, a report.
+
+    Every hyperparameter is chosen on the validation split; the test split is read once per encoder."""
+
     name: str = "evaluate"
     out_dir: str = "runs"
     encoders: list = field(default_factory=lambda: ["random", "pixels"])  # run dirs, "random", "pixels"
     arch: EncoderConfig = field(default_factory=EncoderConfig)  # for "random" when no run dir gives one
     data: DataConfig = field(default_factory=DataConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
-    linear_probe: bool = True
+    retrieval_ks: list = field(default_factory=lambda: [1, 5, 10])  # precision@k / recall@k; [] disables
+    linear_probe: bool = True  # torch probe on cached features, lr x weight decay chosen on val
+    probe_lrs: list = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
+    probe_weight_decays: list = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])
+    probe_epochs: int = 100
+    probe_batch_size: int = 512
+    sklearn_probe: bool = True  # scikit-learn LogisticRegression cross-check, C chosen on val
+    sklearn_cs: list = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse regularisation C
+    sklearn_max_iter: int = 1000
+    quality_images: int = 1000  # val images seen as two SimCLR views for alignment (0 disables alignment)
+    quality_max_features: int = 10000  # train features for uniformity / effective rank / std (seeded subset)
+    report: bool = True  # report.md + report.html with pictures next to metrics.json
+    report_map: str = "tsne"  # tsne | pca: the 2-D map of the test embeddings
+    report_points: int = 2000  # test points on the 2-D map (t-SNE is O(N^2))
     batch_size: int = 512
     device: str = "auto"
     cache_features: bool = True
@@ -227,6 +249,12 @@ def _build(cls: type[T], raw: Any, where: str, source: str) -> T:
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key, source)
             continue
+        if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
+            # YAML 1.1 reads 1e-5 (no dot) as a string; accept it where a float is expected
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(value, hint):
             type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
             raise ConfigError(f"{source}: {key!r} must be {type_name}, got {value!r}")

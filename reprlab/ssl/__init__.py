@@ -10,10 +10,18 @@ from typing import Any
 
 from torch import nn
 
+from reprlab.ssl.autoencoder import AutoEncoder
+from reprlab.ssl.jigsaw import Jigsaw
+from reprlab.ssl.relative_position import RelativePosition
+from reprlab.ssl.rotation import Rotation
 from reprlab.ssl.simclr import SimCLR
 
 METHODS: dict[str, type[nn.Module]] = {
-    "simclr": SimCLR,
+    "simclr": SimCLR,  # contrastive (Chen et al., 2020)
+    "autoencoder": AutoEncoder,  # generative: mode plain | denoising | masked (SimMIM; MAE with visible_only)
+    "rotation": Rotation,  # proxy task (Gidaris et al., 2018)
+    "jigsaw": Jigsaw,  # proxy task (Noroozi & Favaro, 2016)
+    "relative_position": RelativePosition,  # proxy task (Doersch et al., 2015)
 }
 
 

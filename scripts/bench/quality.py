@@ -1,0 +1,297 @@
+"""Quality benchmark: every pretraining method on CIFAR-10 at the same encoder, batch and epochs, beside
+``random`` and ``pixels`` and beside lightly's SimCLR, scored by kNN and linear-probe top-1 on CIFAR-10 test.
+
+    python scripts/benchmark.py quality                       # the README table (hours on a 2-core CPU)
+    python scripts/benchmark.py quality --epochs 1 --limit 512 --eval-limit 1000 --test-limit 500  # smoke
+
+Each method is trained from its ``configs/pretrain/<method>_cifar10.yaml`` (optimizer and method parameters)
+with the encoder, batch size, epochs, data and seed overridden to the same values for all. lightly's SimCLR
+uses lightly's own pieces (``SimCLRTransform`` in DataLoader workers, ``SimCLRProjectionHead``,
+``NTXentLoss``, two forward passes, as in its examples) with the augmentation strengths and temperature of
+``simclr_cifar10.yaml``, the same encoder module (normalization inside, so lightly's transform does not
+normalize) and the same optimizer and schedule (reprlab's ``build_optimization``), so that only the SimCLR
+implementation differs.
+
+Evaluation (reprlab.evaluate.run.evaluate_features): features of the train split (the kNN bank and the
+probe's training set), the validation split (carved from train, for the probe's hyperparameters) and the test
+split; kNN top-1 at fixed k=200, T=0.1 (the CIFAR monitor protocol of InstDisc/MoCo/lightly) and k=20, T=0.07
+(DINO); linear-probe top-1 (reprlab's torch probe, lr and weight decay chosen on val). Wall time is
+pretraining only.
+Prints a markdown table and appends one JSON line to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_METHODS = ("simclr", "autoencoder", "rotation", "jigsaw", "relative_position")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmark.py quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs for every method")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="pretraining images (stratified subset of the 50k train images; default all)")
+    parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch for every method")
+    parser.add_argument("--encoder", default="resnet18", help="create_encoder name, shared by every method")
+    parser.add_argument("--cifar-stem", action="store_true",
+                        help="3x3/1 stem without max-pool (the CIFAR ResNet; 15x the FLOPs: GPU-scale)")
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
+                        help="config stems: configs/pretrain/<name>_cifar10.yaml")
+    parser.add_argument("--no-lightly", action="store_true", help="skip lightly's SimCLR")
+    parser.add_argument("--lightly-workers", type=int, default=2, help="DataLoader workers for lightly's run")
+    parser.add_argument("--data", default="npz:../shared/data/cifar10",
+                        help="dataset (paths relative to the repo root)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="train images for the kNN bank and the probe (val is 10%% of them; default all)")
+    parser.add_argument("--test-limit", type=int, default=None, help="test images to score (default all 10k)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (pretraining)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="runs/bench/quality", help="run directories (replaced)")
+    parser.add_argument("--out", default="runs/bench/quality.jsonl", help="JSON-lines file to append to")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+def method_config(method: str, args: argparse.Namespace):
+    """The method's CIFAR-10 config with the shared budget (encoder, batch, epochs, data, seed) imposed."""
+    from reprlab.config import PretrainConfig, load_config
+
+    path = REPO_ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml"
+    cfg = load_config(PretrainConfig, path)
+    kwargs = {"cifar_stem": True} if args.cifar_stem else {}
+    return dataclasses.replace(
+        cfg, name=f"quality_{method}", out_dir=args.workdir,
+        data=dataclasses.replace(cfg.data, name=args.data, limit=args.limit),
+        encoder=dataclasses.replace(cfg.encoder, name=args.encoder, kwargs=kwargs, pretrained=False,
+                                    weights=None),
+        train=dataclasses.replace(cfg.train, epochs=args.epochs, batch_size=args.batch_size,
+                                  device=args.device, precision=args.precision, seed=args.seed, resume=False,
+                                  progress=args.progress, checkpoint_every_steps=0),
+        monitor=dataclasses.replace(cfg.monitor, every_epochs=0),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def train_reprlab(method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, float, dict[str, Any]]:
+    from reprlab.checkpoint import load_encoder
+    from reprlab.ssl.pretrain import pretrain
+
+    cfg = method_config(method, args)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: no resume, no appended metrics
+    start = time.perf_counter()
+    pretrain(cfg)
+    wall = time.perf_counter() - start
+    details = {"optim": dataclasses.asdict(cfg.optim), "params": dict(cfg.method.params)}
+    return load_encoder(run_dir), wall, details
+
+
+class _ArrayDataset(torch.utils.data.Dataset):
+    """uint8 (N, C, H, W) tensor -> (transform(PIL image), 0), as lightly's examples feed torchvision data."""
+
+    def __init__(self, images: torch.Tensor, transform) -> None:  # noqa: ANN001 - a lightly transform
+        self.images = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = self.images[index]
+        return self.transform(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)), 0
+
+
+class _LightlySimCLR(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dict[str, Any]] | None:
+    """lightly's SimCLR with simclr_cifar10.yaml's augmentation strengths, temperature and optimizer."""
+    try:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+        from lightly.transforms import SimCLRTransform
+    except ImportError:
+        print("lightly is not installed: skipping lightly's SimCLR (pip install lightly)", file=sys.stderr)
+        return None
+    from reprlab import distributed
+    from reprlab.data.datasets import load_dataset
+    from reprlab.models.encoders import create_encoder
+    from reprlab.ssl.pretrain import build_optimization, seed_everything
+
+    cfg = method_config("simclr", args)
+    params = cfg.method.params
+    device = distributed.setup(args.device)
+    seed_everything(args.seed)
+    data = load_dataset(cfg.data.name, val_fraction=cfg.data.val_fraction, limit=cfg.data.limit,
+                        seed=args.seed)
+    size = data.train.images.shape[-1]
+    crop_scale = params.get("crop_scale", (0.08, 1.0))
+    if crop_scale[1] != 1.0:
+        raise ValueError(f"lightly's SimCLRTransform crops up to scale 1.0 only; crop_scale is {crop_scale}")
+    transform = SimCLRTransform(
+        input_size=size, cj_prob=params.get("jitter_p", 0.8), cj_strength=params.get("jitter_strength", 1.0),
+        min_scale=crop_scale[0], random_gray_scale=params.get("grayscale_p", 0.2),
+        gaussian_blur=params.get("blur_p", 0.0), hf_prob=params.get("flip_p", 0.5), normalize=None)
+    loader = torch.utils.data.DataLoader(
+        _ArrayDataset(data.train.images, transform), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.lightly_workers, persistent_workers=args.lightly_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))
+    encoder = create_encoder(cfg.encoder.name, **cfg.encoder.kwargs)
+    dim = encoder.feature_dim
+    head = SimCLRProjectionHead(dim, params.get("hidden_dim") or dim, params.get("projection_dim", 128))
+    model = _LightlySimCLR(encoder, head).to(device)
+    criterion = NTXentLoss(temperature=params.get("temperature", 0.5))
+    optimizer, scheduler = build_optimization(cfg.optim, model, args.batch_size, len(loader), args.epochs)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(args.epochs):
+        total, steps = torch.zeros((), device=device), 0
+        for (view0, view1), _ in loader:
+            view0, view1 = view0.to(device, non_blocking=True), view1.to(device, non_blocking=True)
+            with amp:
+                loss = criterion(model(view0), model(view1))  # lightly's examples: two forward passes
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, steps = total + loss.detach().float(), steps + 1  # summed on the device: no sync per step
+        if args.progress:
+            mean_loss = float(total) / max(steps, 1)
+            print(f"lightly simclr epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f}", file=sys.stderr)
+    wall = time.perf_counter() - start
+    import lightly
+
+    return encoder.eval(), wall, {"lightly": lightly.__version__, "workers": args.lightly_workers}
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluation_data(args: argparse.Namespace):
+    from reprlab.data.datasets import load_dataset
+
+    data = load_dataset(args.data, val_fraction=0.1, limit=args.eval_limit, seed=args.seed)
+    test = data.test
+    if test is None or test.labels is None:
+        raise ValueError(f"dataset {args.data!r} has no labeled test split to score on")
+    if args.test_limit is not None and args.test_limit < len(test):
+        test = test.subset(torch.arange(args.test_limit))
+    return {"train": data.train, "val": data.val, "test": test}
+
+
+def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: int) -> dict[str, Any]:
+    """kNN (k=200, T=0.1 and k=20, T=0.07, fixed: no selection) and linear-probe top-1 on the test split."""
+    from reprlab.config import EvaluateConfig, KNNConfig
+    from reprlab.evaluate.features import extract_features
+    from reprlab.evaluate.knn import knn_classify
+    from reprlab.evaluate.run import Split, evaluate_features
+
+    feats = {name: Split(extract_features(encoder, split.images, 512, device), split.labels)
+             for name, split in splits.items()}
+    cfg = EvaluateConfig(knn=KNNConfig(k=200, temperature=0.1, select_on_val=False), retrieval_ks=[],
+                         linear_probe=True, sklearn_probe=False, quality_images=0, report=False, seed=seed)
+    metrics = evaluate_features(feats["train"], feats["val"], feats["test"], cfg, device).metrics
+    knn20 = knn_classify(feats["train"].features, feats["train"].labels, feats["test"].features, k=20,
+                         temperature=0.07)
+    metrics["knn20_top1"] = knn20.topk(feats["test"].labels, 1)
+    return metrics
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| encoder | kNN top-1 (k=200, T=0.1) | kNN top-1 (k=20, T=0.07) | linear probe top-1 | "
+             "pretraining wall time |", "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        m = row["metrics"]
+        wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") is not None else "-"
+        probe = f"{100 * m['linear_probe_top1']:.2f}" if "linear_probe_top1" in m else "-"
+        knn200, knn20 = f"{100 * m['knn_top1']:.2f}", f"{100 * m['knn20_top1']:.2f}"
+        lines.append(f"| {row['label']} | {knn200} | {knn20} | {probe} | {wall} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv[1:] if argv and argv[0] == "quality" else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO_ROOT))
+    os.chdir(REPO_ROOT)  # data and config paths are relative to the repo root
+    from reprlab import distributed
+    from reprlab.config import EncoderConfig
+    from reprlab.evaluate.run import resolve_encoders
+
+    device = distributed.setup(args.device)
+    splits = evaluation_data(args)
+    rows: list[dict[str, Any]] = []
+
+    def record(label: str, encoder: torch.nn.Module, wall: float | None, extra: dict | None = None) -> None:
+        start = time.perf_counter()
+        metrics = score(encoder, splits, device, args.seed)
+        eval_s = time.perf_counter() - start
+        rows.append({"label": label, "wall_s": wall, "eval_s": eval_s, "metrics": metrics,
+                     **({"details": extra} if extra else {})})
+        trained = f", pretraining {wall / 60:.1f} min" if wall is not None else ""
+        probe = 100 * metrics.get("linear_probe_top1", float("nan"))
+        print(f"{label}: kNN {100 * metrics['knn_top1']:.2f} / {100 * metrics['knn20_top1']:.2f}, "
+              f"probe {probe:.2f}{trained} (eval {eval_s:.0f} s)", flush=True)
+
+    arch = EncoderConfig(name=args.encoder, kwargs={"cifar_stem": True} if args.cifar_stem else {})
+    for baseline in resolve_encoders(["random", "pixels"], arch, args.seed):
+        record(baseline.label, baseline.encoder, None)
+    for method in args.methods:
+        encoder, wall, details = train_reprlab(method, args)
+        record(f"reprlab {method}", encoder, wall, details)
+    if not args.no_lightly:
+        trained = train_lightly(args)
+        if trained is not None:
+            encoder, wall, details = trained
+            record("lightly simclr", encoder, wall, details)
+
+    table = format_table(rows)
+    print(table)
+    result = {
+        "bench": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": args.data,
+        "encoder": args.encoder, "cifar_stem": args.cifar_stem, "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "limit": args.limit, "eval_limit": args.eval_limit, "test_limit": args.test_limit,
+        "eval_sizes": {name: len(split) for name, split in splits.items()}, "device": str(device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "rows": rows, "table": table,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(result, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,106 @@
+"""Every registered pretraining method: one CPU step on a tiny encoder, the registry's errors, the configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprlab.config import PretrainConfig, load_config
+from reprlab.models.encoders import create_encoder
+from reprlab.ssl import METHODS, build_method
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
+
+# the few parameters a method needs to fit 16 px images and stay tiny; a new method runs with its defaults
+TINY_PARAMS = {
+    "autoencoder": {"image_size": 16, "decoder_channels": 32},
+    "jigsaw": {"num_permutations": 8, "hidden_dim": 32},
+    "relative_position": {"hidden_dim": 32},
+    "simclr": {"projection_dim": 16, "hidden_dim": 32},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids waking an OpenMP team per op (on a shared 2-core machine that costs
+    ~30 ms per convolution), and results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # jigsaw's permutation file cache stays in tmp
+
+
+def _tiny_encoder():
+    torch.manual_seed(0)
+    return create_encoder("timm:test_resnet")
+
+
+def _one_step(method: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    method.train()
+    out = method({"images": images, "labels": torch.zeros(len(images), dtype=torch.long),
+                  "index": torch.arange(len(images))})
+    out["loss"].backward()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_runs_one_step_with_gradients_into_the_encoder(name):
+    encoder = _tiny_encoder()
+    method = build_method(name, encoder, TINY_PARAMS.get(name, {}))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    out = _one_step(method, images)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads), "some encoder parameters received no gradient"
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert grads[0].abs().sum() > 0  # the first layer: gradients flow through the whole encoder
+    if "acc" in out:
+        assert 0.0 <= float(out["acc"]) <= 1.0
+    torch.optim.SGD(method.parameters(), lr=0.01).step()  # every parameter is a leaf an optimizer takes
+
+
+@pytest.mark.parametrize("mode", ["plain", "denoising", "masked"])
+def test_autoencoder_modes_on_grey_digit_sized_images(mode):
+    encoder = _tiny_encoder()
+    params = {"mode": mode, "image_size": 8, "channels": 1, "decoder_channels": 32,
+              "normalize_target": mode == "masked"}
+    method = build_method("autoencoder", encoder, params)
+    out = _one_step(method, torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8))
+    assert torch.isfinite(out["loss"])
+    assert encoder.backbone.conv1[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["rotation", "jigsaw", "relative_position"])
+def test_proxy_tasks_on_grey_digit_sized_images(name):
+    method = build_method(name, _tiny_encoder(), TINY_PARAMS.get(name, {}))
+    out = _one_step(method, torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8))
+    assert torch.isfinite(out["loss"]) and "acc" in out
+
+
+def test_registry_errors_list_the_valid_choices():
+    encoder = _tiny_encoder()
+    with pytest.raises(ValueError, match=r"unknown method 'byol'; choose from \['autoencoder'"):
+        build_method("byol", encoder)
+    with pytest.raises(ValueError, match="has no parameter 'temprature'"):
+        build_method("simclr", encoder, {"temprature": 0.5})
+    assert set(METHODS) >= {"simclr", "autoencoder", "rotation", "jigsaw", "relative_position"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_pretrain_configs_load_and_name_valid_parameters(path):
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.method.name in METHODS
+    if cfg.encoder.name.startswith("timm:vit") or cfg.method.params.get("visible_only"):
+        size = cfg.method.params.get("image_size", 32)
+        encoder = create_encoder("timm:test_vit", img_size=size, patch_size=4)
+    else:
+        encoder = _tiny_encoder()
+    build_method(cfg.method.name, encoder, cfg.method.params)  # raises on a misspelled parameter

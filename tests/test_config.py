@@ -1,7 +1,14 @@
 import pytest
 
-from reprlab.config import (ConfigError, EvaluateConfig, FinetuneConfig, PretrainConfig, load_config,
-                            parse_overrides, save_config)
+from reprlab.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 
 
 def write(tmp_path, text):

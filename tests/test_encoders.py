@@ -89,7 +89,7 @@ def test_run_dir_round_trip_and_strict_load(tmp_path):
     save_encoder(tmp_path / "bad", other, {})
     meta = (tmp_path / "bad" / "meta.json").read_text().replace("resnet34", "resnet18")
     (tmp_path / "bad" / "meta.json").write_text(meta)
-    with pytest.raises(CheckpointError, match="does not fit the model"):
+    with pytest.raises(CheckpointError, match="does not fit the encoder .resnet18"):
         load_encoder(tmp_path / "bad")
     with pytest.raises(CheckpointError, match="no meta.json"):
         load_encoder(tmp_path)

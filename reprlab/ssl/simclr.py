@@ -52,7 +52,8 @@ class SimCLR(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         images = batch["images"]  # (B, C, H, W) uint8 on the device
         augment = SimCLRAugment(size=self.image_size or images.shape[-1], **self.augment_args)
-        view0, view1 = augment.views(images, n=2)
+        with torch.autocast(images.device.type, enabled=False):  # elementwise ops: bf16 only slows them down
+            view0, view1 = augment.views(images, n=2)
         z = self.projector(self.encoder(torch.cat([view0, view1])))  # one pass: BN sees both views
         z0, z1 = z.chunk(2)
         # (2n, 2N) logits; the column of each anchor's positive

@@ -253,3 +253,19 @@ def test_ivf_padding_never_votes():
     result = knn_classify(bank, labels, queries, k=150, index="ivf", nlist=20, nprobe=1)
     valid_mass = torch.exp(sims.double() / 0.07).nan_to_num(0.0).sum(dim=1)
     torch.testing.assert_close(result.scores.sum(dim=1), valid_mass)
+
+
+def test_auto_backend_is_exact_on_cpu_and_faiss_for_approximate_indexes(monkeypatch):
+    import reprlab.evaluate.knn as knn_module
+
+    generator = torch.Generator().manual_seed(5)
+    bank, queries = torch.randn(300, 16, generator=generator), torch.randn(20, 16, generator=generator)
+    auto = knn_module.knn_search(bank, queries, 7, backend="auto")
+    exact = knn_module.knn_search(bank, queries, 7, backend="torch")
+    assert torch.equal(auto[1], exact[1])
+    calls = []
+    real = knn_module._faiss_search
+    monkeypatch.setattr(knn_module, "_faiss_search", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    knn_module.knn_search(bank, queries, 7, backend="auto")
+    knn_module.knn_search(bank, queries, 7, backend="auto", index="hnsw")
+    assert calls == ["hnsw"]  # flat on the CPU went to torch, the approximate index to faiss

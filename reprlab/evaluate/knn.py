@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("faiss", "torch")
+BACKENDS = ("auto", "faiss", "torch")
 INDEXES = ("flat", "ivf", "hnsw")
 # faiss GPU brute-force search supports k up to 2048; above that we stay on the CPU.
 _FAISS_GPU_MAX_K = 2048
@@ -55,7 +55,7 @@ def knn_search(
     bank: Tensor | np.ndarray,
     queries: Tensor | np.ndarray,
     k: int,
-    backend: str = "faiss",
+    backend: str = "auto",
     index: str = "flat",
     exclude_self: bool = False,
     nlist: int | None = None,
@@ -71,8 +71,10 @@ def knn_search(
     with ``k' = min(k, N_bank)`` (``min(k, N_bank - 1)`` with ``exclude_self``): a ``k`` larger than the bank
     returns the whole bank rather than failing.
 
-    backend: ``"faiss"`` (GPU when the queries are on CUDA and faiss sees a GPU, else CPU) or ``"torch"``
-        (exact reference: chunks of ``chunk_size`` queries, matmul + topk, on the queries' device).
+    backend: ``"faiss"`` (GPU when the queries are on CUDA and faiss sees a GPU, else CPU), ``"torch"``
+        (exact: chunks of ``chunk_size`` queries, matmul + topk, on the queries' device) or ``"auto"``: faiss
+        for approximate indexes and for faiss-GPU, torch for exact search otherwise (faiss-cpu's bundled BLAS
+        measured ~3x slower than torch's for flat search on our CPUs: ``python scripts/benchmark.py knn``).
     index: faiss index type. ``"flat"`` is exact (``IndexFlatIP``). ``"ivf"`` (``IndexIVFFlat``, ``nlist``
         defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and
         ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are
@@ -85,6 +87,8 @@ def knn_search(
         raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
     if index not in INDEXES:
         raise ValueError(f"unknown index {index!r}; choose from {sorted(INDEXES)}")
+    if backend == "auto":
+        backend = "faiss" if index != "flat" or _faiss_gpu_usable(queries, k) else "torch"
     if backend == "torch" and index != "flat":
         raise ValueError(f"the torch backend is exact only; use backend='faiss' for index={index!r}")
     if k < 1:
@@ -130,6 +134,15 @@ def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tup
 
 
 @functools.lru_cache(maxsize=1)
+def _faiss_gpu_usable(queries: Tensor | np.ndarray, k: int) -> bool:
+    if not (isinstance(queries, Tensor) and queries.is_cuda and k <= _FAISS_GPU_MAX_K):
+        return False
+    try:
+        return _import_faiss().get_num_gpus() > 0
+    except ImportError:
+        return False
+
+
 def _gpu_resources() -> Any:
     import faiss
 
@@ -295,7 +308,7 @@ def knn_classify(
     queries: Tensor | np.ndarray,
     k: int = 20,
     temperature: float = DEFAULT_TEMPERATURE,
-    backend: str = "faiss",
+    backend: str = "auto",
     exclude_self: bool = False,
     index: str = "flat",
     **search_options: Any,
@@ -321,7 +334,7 @@ def select_knn(
     val_labels: Tensor | np.ndarray,
     ks: tuple[int, ...] = (10, 20, 50, 100, 200),
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5),
-    backend: str = "faiss",
+    backend: str = "auto",
     index: str = "flat",
     **search_options: Any,
 ) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def retrieval_metrics(
     query_labels: Tensor | np.ndarray,
     ks: tuple[int, ...] = (1, 5, 10),
     exclude_self: bool = False,
-    backend: str = "faiss",
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Precision@k, Recall@k, mAP@R and R-precision of ``queries`` against ``bank`` (definitions above).
 

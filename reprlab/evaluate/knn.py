@@ -133,7 +133,6 @@ def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tup
     return torch.cat(sims), torch.cat(idx)
 
 
-@functools.lru_cache(maxsize=1)
 def _faiss_gpu_usable(queries: Tensor | np.ndarray, k: int) -> bool:
     if not (isinstance(queries, Tensor) and queries.is_cuda and k <= _FAISS_GPU_MAX_K):
         return False
@@ -143,6 +142,7 @@ def _faiss_gpu_usable(queries: Tensor | np.ndarray, k: int) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def _gpu_resources() -> Any:
     import faiss
 

@@ -18,22 +18,6 @@ from reprlab.ssl.autoencoder import (
 from reprlab.ssl.losses import patchify
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids waking an OpenMP team per op (on a shared 2-core machine that costs
-    ~30 ms per convolution), and results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder():
-    torch.manual_seed(0)
-    return create_encoder("timm:test_resnet")
-
-
 @pytest.mark.parametrize("size", [1, 8, (8, 12), 28, 32, 96])
 def test_conv_decoder_output_matches_any_image_size(size):
     decoder = ConvDecoder(feature_dim=16, channels=3, image_size=size, hidden_channels=32, min_channels=8)

@@ -34,15 +34,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tmp_path: Path, *overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, None, [f"out_dir={tmp_path}", *TINY, *overrides])
 

@@ -5,20 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 import reprlab.evaluate.knn as knn_module
 from reprlab.evaluate.knn import KNNResult, knn_classify, knn_search, measure_recall, select_knn
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny problems: one thread (torch, BLAS, OpenMP) avoids spin-waits on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def random_features(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:

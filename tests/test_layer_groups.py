@@ -9,15 +9,6 @@ from torch import nn
 from reprlab.models.encoders import Encoder, create_encoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_partition(encoder: Encoder) -> None:
     """Every backbone parameter sits in exactly one group, and no group is empty."""
     groups = encoder.layer_groups()

@@ -3,20 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from reprlab.evaluate.linear_probe import ProbeResult, sklearn_linear_probe, train_linear_probe
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny problems: one thread (torch, BLAS, OpenMP) avoids spin-waits on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
-
 
 LABELS = [2, 5, 9]  # non-contiguous on purpose
 

@@ -19,17 +19,6 @@ from reprlab.ssl.losses import (
     unpatchify,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids waking an OpenMP team per op (on a shared 2-core machine that costs
-    ~30 ms per convolution), and results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------- NT-Xent
 
 

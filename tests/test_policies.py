@@ -20,15 +20,6 @@ STEPS_PER_EPOCH = 3
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _classifier(seed: int = 0) -> Classifier:
     torch.manual_seed(seed)
     encoder = create_encoder("timm:resnet18", layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))

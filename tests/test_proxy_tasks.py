@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from reprlab.models.encoders import create_encoder
 from reprlab.ssl.jigsaw import (
     Jigsaw,
     assemble_tiles,
@@ -21,23 +20,6 @@ from reprlab.ssl.jigsaw import (
 )
 from reprlab.ssl.relative_position import NEIGHBOURS, RelativePosition
 from reprlab.ssl.rotation import rotate_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids waking an OpenMP team per op (on a shared 2-core machine that costs
-    ~30 ms per convolution), and results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder():
-    torch.manual_seed(0)
-    return create_encoder("timm:test_resnet")
-
 
 # --------------------------------------------------------------------------------------------------- rotation
 

@@ -4,19 +4,8 @@ import math
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from reprlab.evaluate.retrieval import retrieval_metrics
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny problems: one thread (torch, BLAS, OpenMP) avoids spin-waits on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:

@@ -38,7 +38,10 @@ from reprlab.ssl.simclr import SimCLR
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 GLOBAL_BATCH = 8
-RTOL, ATOL = 1e-4, 1e-6
+# float32; ATOL covers parameters whose true gradient is zero (a bias followed by BatchNorm): their computed
+# gradient is rounding noise of ~1e-6, while the bugs this test exists for (a missing all-reduce, a 1/world_size
+# scale) move gradients by O(0.1)
+RTOL, ATOL = 1e-4, 1e-5
 CPU = torch.device("cpu")
 
 
@@ -219,7 +222,7 @@ def test_two_ranks_equal_one_process_loss_gradients_and_bn(ddp_results):
         assert close(got["loss"], ref["loss"]), (got["loss"], ref["loss"])
         assert got["grads"].keys() == ref["grads"].keys() and len(ref["grads"]) == 10
         for name, grad in ref["grads"].items():
-            assert close(got["grads"][name], grad), name
+            assert close(got["grads"][name], grad), (name, (got["grads"][name] - grad).abs().max(), grad.abs().max())
         for name, stat in ref["bn"].items():
             assert close(got["bn"][name], stat), name
 

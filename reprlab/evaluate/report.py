@@ -396,11 +396,14 @@ def _settings_paragraph(summary: dict[str, Any]) -> str:
     else:
         selection = f"k = {knn.get('k')}, temperature = {knn.get('temperature')}"
     views = summary.get("alignment_views", {})
+    probes = [name for name, key in (("torch (lr x weight decay chosen on val)", "linear_probe"),
+                                     ("scikit-learn LogisticRegression (C chosen on val)", "sklearn_probe"))
+              if settings.get(key, True)]
     return (f"Dataset `{summary.get('dataset')}` ({sizes} images); numbers on "
             f"**{summary.get('reported_on')}**, read once per encoder after every choice was made on val. "
             f"kNN: cosine, votes weighted exp(cos / T), {selection}, backend {knn.get('backend')} "
-            f"({knn.get('index')}). Probes: torch (lr x weight decay chosen on val) and scikit-learn "
-            f"LogisticRegression (C chosen on val). Retrieval: {summary.get('reported_on')} queries against "
+            f"({knn.get('index')}). Probes: {' and '.join(probes) or 'none'}. "
+            f"Retrieval: {summary.get('reported_on')} queries against "
             f"the train bank. Alignment: two SimCLR views of {views.get('images')} {views.get('split')} "
             f"images (augmentation from {views.get('from')}); uniformity, effective rank and std on train "
             f"features; std x sqrt(D) is 1 for isotropic embeddings, 0 when collapsed.")

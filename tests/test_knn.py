@@ -244,17 +244,17 @@ def test_ivf_padding_never_votes():
     torch.testing.assert_close(result.scores.sum(dim=1), valid_mass)
 
 
-def test_auto_backend_is_exact_on_cpu_and_faiss_for_approximate_indexes(monkeypatch):
+def test_auto_backend_uses_faiss_on_cpu_and_matches_the_torch_reference(monkeypatch):
     import reprlab.evaluate.knn as knn_module
 
     generator = torch.Generator().manual_seed(5)
     bank, queries = torch.randn(300, 16, generator=generator), torch.randn(20, 16, generator=generator)
-    auto = knn_module.knn_search(bank, queries, 7, backend="auto")
-    exact = knn_module.knn_search(bank, queries, 7, backend="torch")
-    assert torch.equal(auto[1], exact[1])
     calls = []
     real = knn_module._faiss_search
     monkeypatch.setattr(knn_module, "_faiss_search", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
-    knn_module.knn_search(bank, queries, 7, backend="auto")
+    auto = knn_module.knn_search(bank, queries, 7, backend="auto", chunk_size=6)  # 20 queries: a partial chunk
+    exact = knn_module.knn_search(bank, queries, 7, backend="torch")
     knn_module.knn_search(bank, queries, 7, backend="auto", index="hnsw")
-    assert calls == ["hnsw"]  # flat on the CPU went to torch, the approximate index to faiss
+    assert calls == ["flat", "hnsw"]
+    assert torch.equal(auto[1], exact[1])
+    torch.testing.assert_close(auto[0], exact[0])

@@ -10,7 +10,8 @@ Differences from the peers' copies of that code (see design/peers.md section 5):
 - ``k`` larger than the bank means "the whole bank"; top-5 with fewer than 5 classes means top-C, and a class
   that got no vote (k < 5) never counts as predicted;
 - leave-one-out (``exclude_self``) when the queries are the bank;
-- faiss (exact ``IndexFlatIP``, or IVF / HNSW for large banks; GPU when available) with a torch reference.
+- faiss: exact search (torch BLAS similarities + faiss heap selection on the CPU, `IndexFlatIP` on the GPU), or
+  IVF / HNSW for large banks; with a pure-torch reference backend.
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def knn_search(
     returns the whole bank rather than failing.
 
     backend: ``"faiss"`` (GPU when the queries are on CUDA and faiss sees a GPU, else CPU), ``"torch"``
-        (exact: chunks of ``chunk_size`` queries, matmul + topk, on the queries' device) or ``"auto"``: faiss
-        for approximate indexes and for faiss-GPU, torch for exact search otherwise (faiss-cpu's bundled BLAS
-        measured ~3x slower than torch's for flat search on our CPUs: ``python scripts/benchmark.py knn``).
+        (the reference: chunks of ``chunk_size`` queries, matmul + ``topk``, on the queries' device) or
+        ``"auto"``: faiss, except exact search of CUDA queries without faiss-GPU, which stays in torch on the
+        GPU. Exact faiss search on the CPU computes the similarities with torch's BLAS (faiss-cpu's bundled
+        BLAS measured ~3x slower on our CPUs) and selects the top k with faiss's heaps (faster than
+        ``torch.topk``): ``python scripts/benchmark.py knn``.
     index: faiss index type. ``"flat"`` is exact (``IndexFlatIP``). ``"ivf"`` (``IndexIVFFlat``, ``nlist``
         defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and
         ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are
@@ -88,7 +91,8 @@ def knn_search(
     if index not in INDEXES:
         raise ValueError(f"unknown index {index!r}; choose from {sorted(INDEXES)}")
     if backend == "auto":
-        backend = "faiss" if index != "flat" or _faiss_gpu_usable(queries, k) else "torch"
+        on_cuda = isinstance(queries, Tensor) and queries.is_cuda
+        backend = "torch" if index == "flat" and on_cuda and not _faiss_gpu_usable(queries, k) else "faiss"
     if backend == "torch" and index != "flat":
         raise ValueError(f"the torch backend is exact only; use backend='faiss' for index={index!r}")
     if k < 1:
@@ -112,25 +116,32 @@ def knn_search(
     if backend == "torch":
         sims, idx = _torch_search(bank.to(device), queries.to(device), k_search, chunk_size)
     else:
-        sims, idx = _faiss_search(bank, queries, k_search, index, nlist, nprobe, hnsw_m, ef_search, device)
+        sims, idx = _faiss_search(bank, queries, k_search, index, nlist, nprobe, hnsw_m, ef_search, device,
+                                  chunk_size)
     if exclude_self:
         sims, idx = _drop_self(sims, idx, k_out)
     return sims.to(device), idx.to(device)
 
 
 def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact search; a fixed query chunk (never 0) bounds memory at chunk_size x N similarities."""
-    chunk_size = max(1, int(chunk_size))
-    sims, idx = [], []
-    for start in range(0, queries.shape[0], chunk_size):
-        chunk_sims = queries[start : start + chunk_size] @ bank.T  # (chunk, N)
-        top = chunk_sims.topk(k, dim=1, largest=True, sorted=True)
-        sims.append(top.values)
-        idx.append(top.indices)
-    if not sims:  # no queries
-        empty = torch.empty(0, k, device=queries.device)
-        return empty, empty.long()
-    return torch.cat(sims), torch.cat(idx)
+    """Exact search; a fixed query chunk (never 0) bounds memory at chunk_size x N similarities.
+
+    The similarity buffer and the outputs are allocated once and written in place: a fresh
+    (chunk, N) tensor per chunk is page-faulted in every time, which measured ~40% of the matmul's
+    time for a 50k bank on CPU (``python scripts/benchmark.py knn``).
+    """
+    num_queries = queries.shape[0]
+    chunk_size = max(1, min(int(chunk_size), num_queries))
+    sims = torch.empty(num_queries, k, dtype=queries.dtype, device=queries.device)
+    idx = torch.empty(num_queries, k, dtype=torch.long, device=queries.device)
+    if num_queries == 0:
+        return sims, idx
+    buffer = torch.empty(chunk_size, bank.shape[0], dtype=queries.dtype, device=queries.device)
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        chunk_sims = torch.mm(queries[start:stop], bank.T, out=buffer[: stop - start])
+        torch.topk(chunk_sims, k, dim=1, largest=True, sorted=True, out=(sims[start:stop], idx[start:stop]))
+    return sims, idx
 
 
 def _faiss_gpu_usable(queries: Tensor | np.ndarray, k: int) -> bool:
@@ -195,18 +206,43 @@ def _faiss_search(
     hnsw_m: int,
     ef_search: int | None,
     device: torch.device,
+    chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     faiss = _import_faiss()
+    use_gpu = device.type == "cuda" and index != "hnsw" and k <= _FAISS_GPU_MAX_K and faiss.get_num_gpus() > 0
+    if index == "flat" and not use_gpu:
+        return _blas_heap_search(bank.detach().cpu(), queries.detach().cpu(), k, chunk_size)
     bank_np = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
     queries_np = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
     built = _build_index(bank_np, index, nlist, nprobe, hnsw_m, ef_search, k)
     # HNSW has no GPU implementation; flat/IVF move to the GPU when the caller works on CUDA.
-    use_gpu = device.type == "cuda" and index != "hnsw" and k <= _FAISS_GPU_MAX_K and faiss.get_num_gpus() > 0
     if use_gpu:
         built = faiss.index_cpu_to_gpu(_gpu_resources(), device.index or 0, built)
     sims_np, idx_np = built.search(queries_np, k)  # (Q, k) each
     sims, idx = torch.from_numpy(sims_np), torch.from_numpy(idx_np).long()
     return sims.masked_fill(idx < 0, float("-inf")), idx
+
+
+def _blas_heap_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Exact CPU search as ``IndexFlatIP`` does it (a BLAS product per query chunk, then a top-k heap per
+    query), with torch's BLAS for the product and faiss's heaps for the selection."""
+    faiss = _import_faiss()
+    bank, queries = bank.float().contiguous(), queries.float().contiguous()
+    num_queries, num_bank = queries.shape[0], bank.shape[0]
+    sims = np.empty((num_queries, k), dtype=np.float32)
+    idx = np.empty((num_queries, k), dtype=np.int64)
+    chunk_size = max(1, min(int(chunk_size), num_queries))
+    buffer = torch.empty(chunk_size, num_bank)  # reused: see _torch_search
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        chunk_sims = torch.mm(queries[start:stop], bank.T, out=buffer[: stop - start]).numpy()
+        heaps = faiss.float_minheap_array_t()  # a min-heap per query keeps its k largest similarities
+        heaps.k, heaps.nh = k, stop - start
+        heaps.val, heaps.ids = faiss.swig_ptr(sims[start:stop]), faiss.swig_ptr(idx[start:stop])
+        heaps.heapify()
+        heaps.addn(num_bank, faiss.swig_ptr(chunk_sims))
+        heaps.reorder()  # heap order -> sorted by decreasing similarity
+    return torch.from_numpy(sims), torch.from_numpy(idx)
 
 
 def _drop_self(sims: Tensor, idx: Tensor, k_out: int) -> tuple[Tensor, Tensor]:

@@ -166,7 +166,7 @@ class KNNConfig:
 
     k: int = 20
     temperature: float = 0.07
-    backend: str = "auto"  # auto (torch for exact CPU search, faiss otherwise) | faiss | torch
+    backend: str = "auto"  # auto (faiss; torch for exact search of CUDA features without faiss-GPU) | faiss | torch
     index: str = "flat"  # faiss index: flat (exact) | ivf | hnsw (approximate, for banks of millions)
     select_on_val: bool = True
     ks: list = field(default_factory=lambda: [10, 20, 50, 100, 200])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,23 +124,23 @@ def knn_search(
     return sims.to(device), idx.to(device)
 
 
-def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact search; a fixed query chunk (never 0) bounds memory at chunk_size x N similarities.
-
-    The similarity buffer and the outputs are allocated once and written in place: a fresh
-    (chunk, N) tensor per chunk is page-faulted in every time, which measured ~40% of the matmul's
-    time for a 50k bank on CPU (``python scripts/benchmark.py knn``).
-    """
+def _similarity_chunks(bank: Tensor, queries: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(start, stop, queries[start:stop] @ bank.T)`` per fixed query chunk (never 0), bounding memory at
+    chunk_size x N. The chunks share one buffer, overwritten each time: a fresh (chunk, N) tensor per chunk is
+    page-faulted in every time, which measured ~40% of the matmul's time for a 50k bank on CPU."""
     num_queries = queries.shape[0]
     chunk_size = max(1, min(int(chunk_size), num_queries))
-    sims = torch.empty(num_queries, k, dtype=queries.dtype, device=queries.device)
-    idx = torch.empty(num_queries, k, dtype=torch.long, device=queries.device)
-    if num_queries == 0:
-        return sims, idx
     buffer = torch.empty(chunk_size, bank.shape[0], dtype=queries.dtype, device=queries.device)
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
-        chunk_sims = torch.mm(queries[start:stop], bank.T, out=buffer[: stop - start])
+        yield start, stop, torch.mm(queries[start:stop], bank.T, out=buffer[: stop - start])
+
+
+def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Exact search: chunked matmul + ``torch.topk``, written into preallocated outputs."""
+    sims = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
+    idx = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
+    for start, stop, chunk_sims in _similarity_chunks(bank, queries, chunk_size):
         torch.topk(chunk_sims, k, dim=1, largest=True, sorted=True, out=(sims[start:stop], idx[start:stop]))
     return sims, idx
 
@@ -228,19 +229,14 @@ def _blas_heap_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) ->
     query), with torch's BLAS for the product and faiss's heaps for the selection."""
     faiss = _import_faiss()
     bank, queries = bank.float().contiguous(), queries.float().contiguous()
-    num_queries, num_bank = queries.shape[0], bank.shape[0]
-    sims = np.empty((num_queries, k), dtype=np.float32)
-    idx = np.empty((num_queries, k), dtype=np.int64)
-    chunk_size = max(1, min(int(chunk_size), num_queries))
-    buffer = torch.empty(chunk_size, num_bank)  # reused: see _torch_search
-    for start in range(0, num_queries, chunk_size):
-        stop = min(start + chunk_size, num_queries)
-        chunk_sims = torch.mm(queries[start:stop], bank.T, out=buffer[: stop - start]).numpy()
+    sims = np.empty((queries.shape[0], k), dtype=np.float32)
+    idx = np.empty((queries.shape[0], k), dtype=np.int64)
+    for start, stop, chunk_sims in _similarity_chunks(bank, queries, chunk_size):
         heaps = faiss.float_minheap_array_t()  # a min-heap per query keeps its k largest similarities
         heaps.k, heaps.nh = k, stop - start
         heaps.val, heaps.ids = faiss.swig_ptr(sims[start:stop]), faiss.swig_ptr(idx[start:stop])
         heaps.heapify()
-        heaps.addn(num_bank, faiss.swig_ptr(chunk_sims))
+        heaps.addn(bank.shape[0], faiss.swig_ptr(chunk_sims.numpy()))
         heaps.reorder()  # heap order -> sorted by decreasing similarity
     return torch.from_numpy(sims), torch.from_numpy(idx)
 

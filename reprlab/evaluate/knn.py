@@ -127,7 +127,7 @@ def knn_search(
 def _similarity_chunks(bank: Tensor, queries: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
     """Yield ``(start, stop, queries[start:stop] @ bank.T)`` per fixed query chunk (never 0), bounding memory at
     chunk_size x N. The chunks share one buffer, overwritten each time: a fresh (chunk, N) tensor per chunk is
-    page-faulted in every time, which measured ~40% of the matmul's time for a 50k bank on CPU."""
+    page-faulted in every time (``python scripts/benchmark.py knn``: torch reference vs ``backend="torch"``)."""
     num_queries = queries.shape[0]
     chunk_size = max(1, min(int(chunk_size), num_queries))
     buffer = torch.empty(chunk_size, bank.shape[0], dtype=queries.dtype, device=queries.device)

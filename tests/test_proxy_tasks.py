@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reprlab.ssl.jigsaw import (
     Jigsaw,
@@ -147,18 +148,44 @@ def test_grid_boxes_keep_tiles_inside_their_cells():
 # ------------------------------------------------------------------------------------------ relative position
 
 
-def test_relative_position_neighbour_comes_from_the_labelled_cell(tiny_encoder):
+@pytest.mark.parametrize("all_neighbours", [True, False])
+def test_relative_position_neighbour_comes_from_the_labelled_cell(tiny_encoder, all_neighbours):
     torch.manual_seed(0)
-    task = RelativePosition(tiny_encoder, gap=0.0, jitter=0.0, patch_size=4, region_scale=(1.0, 1.0))
+    task = RelativePosition(tiny_encoder, gap=0.0, jitter=0.0, patch_size=4, region_scale=(1.0, 1.0),
+                            all_neighbours=all_neighbours)
     images = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8)
-    centre, neighbour, labels = task.make_pairs(images)
+    patches, labels = task.make_patches(images)
+    count = 8 if all_neighbours else 1
+    assert patches.shape == (32, 1 + count, 3, 4, 4) and labels.shape == (32, count)
     x = images.float() / 255
-    torch.testing.assert_close(centre, x[:, :, 4:8, 4:8], rtol=0, atol=1e-6)
+    torch.testing.assert_close(patches[:, 0], x[:, :, 4:8, 4:8], rtol=0, atol=1e-6)  # the centre cell
     for b in range(len(images)):
-        d_row, d_col = NEIGHBOURS[int(labels[b])]
-        top, left = 4 + 4 * d_row, 4 + 4 * d_col
-        torch.testing.assert_close(neighbour[b], x[b, :, top : top + 4, left : left + 4], rtol=0, atol=1e-6)
-    assert len(set(labels.tolist())) > 4  # labels are drawn over the 8 neighbours
+        for k in range(count):
+            d_row, d_col = NEIGHBOURS[int(labels[b, k])]
+            top, left = 4 + 4 * d_row, 4 + 4 * d_col
+            torch.testing.assert_close(patches[b, 1 + k], x[b, :, top : top + 4, left : left + 4], rtol=0,
+                                       atol=1e-6)
+    if all_neighbours:
+        assert (labels == torch.arange(8)).all()  # every image gives all eight pairs
+    else:
+        assert len(set(labels.flatten().tolist())) > 4  # one neighbour per image, drawn over the eight
+
+
+def test_relative_position_loss_counts_every_pair(tiny_encoder):
+    """With all neighbours the loss is the mean cross-entropy over the B * 8 pairs, each pair classified from
+    its [centre, neighbour] features."""
+    torch.manual_seed(0)
+    task = RelativePosition(tiny_encoder, patch_size=8, hidden_dim=16, all_neighbours=True).eval()
+    images = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
+    torch.manual_seed(1)
+    loss = task({"images": images})["loss"]
+    torch.manual_seed(1)
+    patches, labels = task.make_patches(images)
+    expected = torch.stack([
+        F.cross_entropy(task.head(torch.cat([tiny_encoder(patches[b, :1]), tiny_encoder(patches[b, 1 + k, None])],
+                                            dim=1)), labels[b, k, None])
+        for b in range(3) for k in range(8)]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_neighbour_table_is_the_eight_offsets_in_reading_order():

@@ -1,10 +1,13 @@
 """Relative patch position (Doersch et al., 2015): where does a patch sit relative to the centre patch?
 
-A 3x3 grid is laid over a random square region of each image; the centre patch and one of its 8 neighbours
-(chosen uniformly, the label) go through the shared encoder, their concatenated features through an MLP to an
-8-way classifier. As in the paper a gap between patches (there: half a patch) and a random jitter of each
-patch keep low-level cues (continuing edges, exact alignment) from solving the task. Patches are cut with
-sub-pixel precision and resized to ``patch_size`` (at least 8 px), so 8x8 digits work.
+A 3x3 grid is laid over a random square region of each image; the centre patch and its neighbours go through
+the shared encoder, each (centre, neighbour) pair of features through an MLP to an 8-way classifier of the
+neighbour's position. By default one neighbour per image is drawn, as the paper's sampler did;
+``all_neighbours=True`` gives all 8 pairs of every image (the centre encoded once: 8 labelled examples for 9
+encoder inputs), as mmselfsup's RelativeLoc does. As in the paper a gap between patches (there: half a patch)
+and a random jitter of each patch keep low-level cues (continuing edges, exact alignment) from solving the
+task. Patches are cut with sub-pixel precision and resized to ``patch_size`` (at least 8 px), so 8x8 digits
+work.
 """
 
 from __future__ import annotations
@@ -30,39 +33,46 @@ class RelativePosition(nn.Module):
     ``gap`` / ``jitter``: fractions of a grid cell (the paper: 96 px patches, 48 px gaps -> gap 1/3; jitter up
     to 7 px -> 0.05). ``patch_size``: side each patch is resized to (default: its own size, at least 8).
     ``region_scale``: side of the random square region holding the grid, as a fraction of the image side.
+    ``all_neighbours``: all 8 (centre, neighbour) pairs of every image, else one drawn uniformly (default).
     """
 
     def __init__(self, encoder: Encoder, gap: float = 1 / 3, jitter: float = 0.05,
                  patch_size: int | None = None, region_scale: tuple[float, float] = (0.85, 1.0),
-                 hidden_dim: int = 512) -> None:
+                 hidden_dim: int = 512, all_neighbours: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.gap, self.jitter, self.patch_size = gap, jitter, patch_size
         self.region_scale = tuple(region_scale)
+        self.all_neighbours = all_neighbours
         self.register_buffer("neighbour_cells", torch.tensor(_NEIGHBOUR_CELLS), persistent=False)  # (8,)
         self.head = nn.Sequential(
             nn.Linear(2 * encoder.feature_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True), nn.Linear(hidden_dim, len(NEIGHBOURS)))
 
-    def make_pairs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """uint8 or float images (B, C, H, W) -> (centre patches, neighbour patches), each (B, C, s, s),
-        and labels (B,)."""
+    def make_patches(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 or float images (B, C, H, W) -> patches (B, 1 + K, C, s, s), the centre first, and the
+        labels (B, K) of the K neighbours that follow it (K = 8 in label order, or 1 drawn uniformly)."""
         x = to_float(images)
         batch, _, height, width = x.shape
         size = self.patch_size or default_tile_size(height, width, 3, self.gap)
         boxes = grid_boxes(batch, height, width, 3, self.gap, self.jitter, self.region_scale,
                            x.device)  # (B, 9, 4)
-        labels = torch.randint(len(NEIGHBOURS), (batch,), device=x.device)  # (B,)
-        rows = torch.arange(batch, device=x.device)
-        neighbour = boxes[rows, self.neighbour_cells[labels]]  # (B, 4)
-        pair = torch.stack([boxes[:, _CENTRE_CELL], neighbour], dim=1)  # (B, 2, 4)
-        patches = cut_patches(x, pair, size)  # (B, 2, C, s, s)
-        return patches[:, 0], patches[:, 1], labels
+        if self.all_neighbours:
+            labels = torch.arange(len(NEIGHBOURS), device=x.device).expand(batch, -1)  # (B, 8)
+        else:
+            labels = torch.randint(len(NEIGHBOURS), (batch, 1), device=x.device)  # (B, 1)
+        rows = torch.arange(batch, device=x.device)[:, None]
+        neighbours = boxes[rows, self.neighbour_cells[labels]]  # (B, K, 4)
+        chosen = torch.cat([boxes[:, _CENTRE_CELL, None], neighbours], dim=1)  # (B, 1 + K, 4)
+        return cut_patches(x, chosen, size), labels
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        centre, neighbour, labels = self.make_pairs(batch["images"])
-        features = self.encoder(torch.cat([centre, neighbour]))  # (2B, D): one pass, BN sees both kinds
-        pair_features = torch.cat(features.chunk(2), dim=1)  # (B, 2D): [centre, neighbour]
-        logits = self.head(pair_features)  # (B, 8)
+        patches, labels = self.make_patches(batch["images"])  # (B, 1 + K, C, s, s), (B, K)
+        size, count = patches.shape[0], patches.shape[1]
+        features = self.encoder(patches.flatten(0, 1)).view(size, count, -1)  # one pass: BN sees both kinds
+        centre = features[:, :1].expand(-1, count - 1, -1)  # (B, K, D)
+        pair_features = torch.cat([centre, features[:, 1:]], dim=2).flatten(0, 1)  # (B * K, 2D)
+        logits = self.head(pair_features)  # (B * K, 8)
+        labels = labels.flatten()
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return {"loss": F.cross_entropy(logits, labels), "acc": accuracy}

@@ -1,11 +1,13 @@
-"""Quality benchmark: every pretraining method on CIFAR-10 at the same encoder, batch and epochs, beside
+"""Quality benchmark: every pretraining method on CIFAR-10 at the same encoder, data and epochs, beside
 ``random`` and ``pixels`` and beside lightly's SimCLR, scored by kNN and linear-probe top-1 on CIFAR-10 test.
 
     python scripts/benchmark.py quality                       # the README table (hours on a 2-core CPU)
     python scripts/benchmark.py quality --epochs 1 --limit 512 --eval-limit 1000 --test-limit 500  # smoke
 
-Each method is trained from its ``configs/pretrain/<method>_cifar10.yaml`` (optimizer and method parameters)
-with the encoder, batch size, epochs, data and seed overridden to the same values for all. lightly's SimCLR
+Each method is trained from its ``configs/pretrain/<method>_cifar10.yaml`` (optimizer, batch size and method
+parameters) with the encoder, epochs, data and seed overridden to the same values for all (``--batch-size``
+imposes one batch size too). Batch size is a method's own choice: SimCLR needs large batches for its
+negatives, the proxy tasks and autoencoders learn more from more optimizer steps. lightly's SimCLR
 uses lightly's own pieces (``SimCLRTransform`` in DataLoader workers, ``SimCLRProjectionHead``,
 ``NTXentLoss``, two forward passes, as in its examples) with the augmentation strengths and temperature of
 ``simclr_cifar10.yaml``, the same encoder module (normalization inside, so lightly's transform does not
@@ -44,7 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs for every method")
     parser.add_argument("--limit", type=int, default=None,
                         help="pretraining images (stratified subset of the 50k train images; default all)")
-    parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch for every method")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="pretraining batch for every method (default: each method config's own; lightly's "
+                             "SimCLR always uses reprlab SimCLR's)")
     parser.add_argument("--encoder", default="resnet18", help="create_encoder name, shared by every method")
     parser.add_argument("--cifar-stem", action="store_true",
                         help="3x3/1 stem without max-pool (the CIFAR ResNet; 15x the FLOPs: GPU-scale)")
@@ -82,7 +86,8 @@ def method_config(method: str, args: argparse.Namespace):
         data=dataclasses.replace(cfg.data, name=args.data, limit=args.limit),
         encoder=dataclasses.replace(cfg.encoder, name=args.encoder, kwargs=kwargs, pretrained=False,
                                     weights=None),
-        train=dataclasses.replace(cfg.train, epochs=args.epochs, batch_size=args.batch_size,
+        train=dataclasses.replace(cfg.train, epochs=args.epochs,
+                                  batch_size=args.batch_size or cfg.train.batch_size,
                                   device=args.device, precision=args.precision, seed=args.seed, resume=False,
                                   progress=args.progress, checkpoint_every_steps=0),
         monitor=dataclasses.replace(cfg.monitor, every_epochs=0),
@@ -102,7 +107,8 @@ def train_reprlab(method: str, args: argparse.Namespace) -> tuple[torch.nn.Modul
     start = time.perf_counter()
     pretrain(cfg)
     wall = time.perf_counter() - start
-    details = {"optim": dataclasses.asdict(cfg.optim), "params": dict(cfg.method.params)}
+    details = {"batch_size": cfg.train.batch_size, "optim": dataclasses.asdict(cfg.optim),
+               "params": dict(cfg.method.params)}
     return load_encoder(run_dir), wall, details
 
 
@@ -147,7 +153,7 @@ def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dic
     from reprlab.ssl.pretrain import build_optimization, seed_everything
 
     cfg = method_config("simclr", args)
-    params = cfg.method.params
+    params, batch_size = cfg.method.params, cfg.train.batch_size
     device = distributed.setup(args.device)
     seed_everything(args.seed)
     data = load_dataset(cfg.data.name, val_fraction=cfg.data.val_fraction, limit=cfg.data.limit,
@@ -161,7 +167,7 @@ def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dic
         min_scale=crop_scale[0], random_gray_scale=params.get("grayscale_p", 0.2),
         gaussian_blur=params.get("blur_p", 0.0), hf_prob=params.get("flip_p", 0.5), normalize=None)
     loader = torch.utils.data.DataLoader(
-        _ArrayDataset(data.train.images, transform), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        _ArrayDataset(data.train.images, transform), batch_size=batch_size, shuffle=True, drop_last=True,
         num_workers=args.lightly_workers, persistent_workers=args.lightly_workers > 0,
         generator=torch.Generator().manual_seed(args.seed))
     encoder = create_encoder(cfg.encoder.name, **cfg.encoder.kwargs)
@@ -169,7 +175,7 @@ def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dic
     head = SimCLRProjectionHead(dim, params.get("hidden_dim") or dim, params.get("projection_dim", 128))
     model = _LightlySimCLR(encoder, head).to(device)
     criterion = NTXentLoss(temperature=params.get("temperature", 0.5))
-    optimizer, scheduler = build_optimization(cfg.optim, model, args.batch_size, len(loader), args.epochs)
+    optimizer, scheduler = build_optimization(cfg.optim, model, batch_size, len(loader), args.epochs)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = time.perf_counter()
     model.train()
@@ -190,7 +196,8 @@ def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dic
     wall = time.perf_counter() - start
     import lightly
 
-    return encoder.eval(), wall, {"lightly": lightly.__version__, "workers": args.lightly_workers}
+    return encoder.eval(), wall, {"lightly": lightly.__version__, "workers": args.lightly_workers,
+                                  "batch_size": batch_size}
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -227,14 +234,15 @@ def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: in
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| encoder | kNN top-1 (k=200, T=0.1) | kNN top-1 (k=20, T=0.07) | linear probe top-1 | "
-             "pretraining wall time |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| encoder | batch | kNN top-1 (k=200, T=0.1) | kNN top-1 (k=20, T=0.07) | linear probe top-1 | "
+             "pretraining wall time |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         m = row["metrics"]
         wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") is not None else "-"
         probe = f"{100 * m['linear_probe_top1']:.2f}" if "linear_probe_top1" in m else "-"
         knn200, knn20 = f"{100 * m['knn_top1']:.2f}", f"{100 * m['knn20_top1']:.2f}"
-        lines.append(f"| {row['label']} | {knn200} | {knn20} | {probe} | {wall} |")
+        batch = row.get("details", {}).get("batch_size", "-")
+        lines.append(f"| {row['label']} | {batch} | {knn200} | {knn20} | {probe} | {wall} |")
     return "\n".join(lines)
 
 

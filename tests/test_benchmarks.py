@@ -35,7 +35,7 @@ def test_knn_benchmark_agrees_across_backends(tmp_path):
 @pytest.mark.skipif(not (CIFAR / "train.npz").exists(), reason=f"CIFAR-10 npz not found at {CIFAR}")
 def test_quality_benchmark_uses_each_method_config_batch(tmp_path):
     out = tmp_path / "quality.jsonl"
-    benchmark("quality", "--epochs", "1", "--limit", "256", "--eval-limit", "600", "--test-limit", "200",
+    benchmark("quality", "--epochs", "1", "--limit", "600", "--eval-limit", "600", "--test-limit", "200",
               "--methods", "rotation", "relative_position", "--no-lightly", "--workdir", str(tmp_path / "runs"),
               "--out", str(out))
     result = json.loads(out.read_text().splitlines()[-1])

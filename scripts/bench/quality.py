@@ -2,7 +2,7 @@
 ``random`` and ``pixels`` and beside lightly's SimCLR, scored by kNN and linear-probe top-1 on CIFAR-10 test.
 
     python scripts/benchmark.py quality                       # the README table (hours on a 2-core CPU)
-    python scripts/benchmark.py quality --epochs 1 --limit 512 --eval-limit 1000 --test-limit 500  # smoke
+    python scripts/benchmark.py quality --epochs 1 --limit 1000 --eval-limit 1000 --test-limit 500  # smoke
 
 Each method is trained from its ``configs/pretrain/<method>_cifar10.yaml`` (optimizer, batch size and method
 parameters) with the encoder, epochs, data and seed overridden to the same values for all (``--batch-size``

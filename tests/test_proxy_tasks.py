@@ -18,7 +18,9 @@ from reprlab.ssl.jigsaw import (
     min_hamming_distance,
     permutation_set,
     permute_tiles,
+    standardize_patches,
 )
+from reprlab.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from reprlab.ssl.relative_position import NEIGHBOURS, RelativePosition
 from reprlab.ssl.rotation import rotate_batch
 
@@ -128,6 +130,30 @@ def test_jigsaw_puzzles_unshuffle_to_the_image(tiny_encoder):
     assert small.shape == (2, 9, 1, 8, 8)
 
 
+def test_standardized_patches_have_zero_mean_unit_std_as_the_encoder_sees_them():
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    patches = torch.rand(2, 5, 3, 6, 6) * torch.rand(2, 5, 3, 1, 1) + torch.rand(2, 5, 3, 1, 1)
+    seen = (standardize_patches(patches, mean, std) - mean) / std  # the encoder's own normalization
+    torch.testing.assert_close(seen.mean(dim=(-2, -1)), torch.zeros(2, 5, 3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen.std(dim=(-2, -1)), torch.ones(2, 5, 3), rtol=0, atol=1e-5)
+    # per patch: a patch's values are an affine function of its own pixels only
+    torch.testing.assert_close(seen[1, 2], (patches[1, 2] - patches[1, 2].mean(dim=(-2, -1), keepdim=True))
+                               / patches[1, 2].std(dim=(-2, -1), keepdim=True), rtol=0, atol=1e-5)
+    flat = standardize_patches(torch.full((1, 3, 4, 4), 0.7), mean, std)
+    torch.testing.assert_close(flat, mean.expand(1, 3, 4, 4))  # a flat patch becomes the encoder's zero
+
+
+def test_jigsaw_shortcut_guards_grayscale_and_normalize_every_tile(tiny_encoder):
+    torch.manual_seed(0)
+    jigsaw = Jigsaw(tiny_encoder, num_permutations=12, grayscale_p=1.0, normalize_tiles=True,
+                    cache_permutations=False)
+    tiles, _ = jigsaw.make_puzzles(torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8))
+    seen = (tiles - tiny_encoder.mean) / tiny_encoder.std
+    torch.testing.assert_close(seen.mean(dim=(-2, -1)), torch.zeros(3, 9, 3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen.std(dim=(-2, -1)), torch.ones(3, 9, 3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(seen[:, :, 0], seen[:, :, 2], rtol=0, atol=1e-5)  # grayscale: equal channels
+
+
 def test_grid_boxes_keep_tiles_inside_their_cells():
     torch.manual_seed(1)
     boxes = grid_boxes(64, 30, 30, grid=3, gap=0.2, jitter=0.1, region_scale=(1.0, 1.0))
@@ -186,6 +212,16 @@ def test_relative_position_loss_counts_every_pair(tiny_encoder):
                                             dim=1)), labels[b, k, None])
         for b in range(3) for k in range(8)]).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_position_shortcut_guards_grayscale_and_normalize_every_patch(tiny_encoder):
+    task = RelativePosition(tiny_encoder, patch_size=8, grayscale_p=1.0, normalize_patches=True,
+                            all_neighbours=True)
+    patches, _ = task.make_patches(torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8))
+    seen = (patches - tiny_encoder.mean) / tiny_encoder.std  # (2, 9, 3, 8, 8)
+    torch.testing.assert_close(seen.mean(dim=(-2, -1)), torch.zeros(2, 9, 3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen.std(dim=(-2, -1)), torch.ones(2, 9, 3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(seen[:, :, 0], seen[:, :, 1], rtol=0, atol=1e-5)
 
 
 def test_neighbour_table_is_the_eight_offsets_in_reading_order():

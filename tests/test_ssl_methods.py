@@ -75,6 +75,16 @@ def test_proxy_tasks_on_grey_digit_sized_images(name):
     assert torch.isfinite(out["loss"]) and "acc" in out
 
 
+@pytest.mark.parametrize("name", ["rotation", "jigsaw", "relative_position"])
+@pytest.mark.parametrize("hidden_dim, linear_layers", [(None, 1), (16, 2)])
+def test_proxy_task_heads_are_linear_or_one_hidden_layer(name, hidden_dim, linear_layers):
+    params = {**TINY_PARAMS.get(name, {}), "hidden_dim": hidden_dim}
+    method = build_method(name, _tiny_encoder(), params)
+    linears = [m for m in method.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == linear_layers
+    assert torch.isfinite(_one_step(method, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))["loss"])
+
+
 def test_registry_errors_list_the_valid_choices():
     encoder = _tiny_encoder()
     with pytest.raises(ValueError, match=r"unknown method 'byol'; choose from \['autoencoder'"):

@@ -26,6 +26,15 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int 
     return nn.Sequential(*layers)
 
 
+def pretext_head(in_dim: int, num_classes: int, hidden_dim: int | None = None) -> nn.Sequential:
+    """A proxy task's classifier: Linear, or Linear-BN-ReLU-Linear with a ``hidden_dim`` hidden layer.
+
+    A linear head keeps what the task needs linearly readable in the encoder features we evaluate; an MLP
+    head can absorb task-specific computation instead."""
+    layers = 1 if hidden_dim is None else 2
+    return projection_head(in_dim, hidden_dim or in_dim, num_classes, num_layers=layers, output_bn=False)
+
+
 def classifier_head(in_dim: int, num_classes: int, dropout: float = 0.0, init: str = "zeros") -> nn.Sequential:
     """Dropout + Linear classifier; ``init``: zeros | xavier | he | default (PyTorch's)."""
     linear = nn.Linear(in_dim, num_classes)

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprlab.data.augment import to_float
+from reprlab.data.augment import random_grayscale, to_float
 from reprlab.models.encoders import Encoder
+from reprlab.models.heads import pretext_head
 
 MIN_TILE_SIZE = 8  # smallest side a tile is resized to (torchvision ResNets run on 8 px input)
 _MAX_ENUMERATED = math.factorial(9)  # candidate permutations are enumerated: at most 3x3 tiles
@@ -160,6 +161,17 @@ def cut_patches(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return patches.view(batch, tiles, *patches.shape[1:])
 
 
+def standardize_patches(patches: Tensor, mean: Tensor, std: Tensor, eps: float = 1 / 255) -> Tensor:
+    """Patches (..., C, s, s) in [0, 1] -> patches the encoder sees with zero mean and unit std per patch and
+    channel, once it applies its own ``(x - mean) / std`` (``mean``/``std``: the encoder's buffers).
+
+    Noroozi & Favaro normalize every tile independently so that low-level statistics (brightness, contrast,
+    colour cast) cannot tell neighbours apart; a near-flat patch's std is floored at ``eps``."""
+    centred = patches - patches.mean(dim=(-2, -1), keepdim=True)
+    scale = patches.std(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    return centred / scale * std + mean
+
+
 def permute_tiles(tiles: Tensor, permutations: Tensor) -> Tensor:
     """tiles (B, T, ...), permutations (B, T): slot i of image b receives tile ``permutations[b, i]``.
 
@@ -184,42 +196,48 @@ def default_tile_size(height: int, width: int, grid: int, gap: float) -> int:
 
 
 class Jigsaw(nn.Module):
-    """Permutation classification of shuffled tiles: shared encoder per tile, concatenated features -> MLP.
+    """Permutation classification of shuffled tiles: shared encoder per tile, concatenated features -> head.
 
     ``num_permutations``: classes (the paper: 1000 on ImageNet; 100 suits small data). ``grid``: 3 (2 also
     works, with at most 24 permutations). ``gap`` / ``jitter``: fractions of a cell (the paper's 64 px tiles
     in 75 px cells: gap 0.15, jitter up to the remaining 0.075). ``tile_size``: pixels each tile is resized to
     (default: its own size, at least 8). ``region_scale``: side of the random square region holding the grid,
-    as a fraction of the image side. ``seed``: the permutation set's seed; ``cache_permutations``: also keep
-    the set in ``~/.cache/reprlab``.
+    as a fraction of the image side. ``hidden_dim``: the head's hidden width, None for a linear head.
+    ``grayscale_p``: share of images turned to grayscale before tiling, and ``normalize_tiles``: every tile
+    standardized on its own (:func:`standardize_patches`); the paper's guards against colour and
+    low-level-statistics shortcuts (0.3 and on there). ``seed``: the permutation set's seed;
+    ``cache_permutations``: also keep the set in ``~/.cache/reprlab``.
     """
 
     def __init__(self, encoder: Encoder, num_permutations: int = 100, grid: int = 3, gap: float = 0.15,
                  jitter: float = 0.075, tile_size: int | None = None,
-                 region_scale: tuple[float, float] = (0.85, 1.0), hidden_dim: int = 512, seed: int = 0,
+                 region_scale: tuple[float, float] = (0.85, 1.0), hidden_dim: int | None = 512,
+                 grayscale_p: float = 0.0, normalize_tiles: bool = False, seed: int = 0,
                  cache_permutations: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.grid, self.gap, self.jitter, self.tile_size = grid, gap, jitter, tile_size
         self.region_scale = tuple(region_scale)
+        self.grayscale_p, self.normalize_tiles = grayscale_p, normalize_tiles
         cache_dir = default_cache_dir() if cache_permutations else None
         # not persistent: the set is a function of (num_permutations, grid, seed), rebuilt on load
         self.register_buffer("permutations", permutation_set(num_permutations, grid * grid, seed, cache_dir),
                              persistent=False)  # (P, T)
-        tiles = grid * grid
-        self.head = nn.Sequential(
-            nn.Linear(tiles * encoder.feature_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True), nn.Linear(hidden_dim, num_permutations))
+        self.head = pretext_head(grid * grid * encoder.feature_dim, num_permutations, hidden_dim)
 
     def make_puzzles(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 or float images (B, C, H, W) -> shuffled tiles (B, T, C, s, s) and their permutations'
         labels (B,)."""
         x = to_float(images)
+        if self.grayscale_p > 0:
+            x = random_grayscale(x, self.grayscale_p)
         batch, _, height, width = x.shape
         size = self.tile_size or default_tile_size(height, width, self.grid, self.gap)
         boxes = grid_boxes(batch, height, width, self.grid, self.gap, self.jitter, self.region_scale,
                            x.device)  # (B, T, 4)
         tiles = cut_patches(x, boxes, size)  # (B, T, C, s, s) in grid order
+        if self.normalize_tiles:
+            tiles = standardize_patches(tiles, self.encoder.mean, self.encoder.std)
         labels = torch.randint(len(self.permutations), (batch,), device=x.device)  # (B,)
         return permute_tiles(tiles, self.permutations[labels]), labels
 

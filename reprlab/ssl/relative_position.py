@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprlab.data.augment import to_float
+from reprlab.data.augment import random_grayscale, to_float
 from reprlab.models.encoders import Encoder
-from reprlab.ssl.jigsaw import cut_patches, default_tile_size, grid_boxes
+from reprlab.models.heads import pretext_head
+from reprlab.ssl.jigsaw import cut_patches, default_tile_size, grid_boxes, standardize_patches
 
 # label -> (row, column) offset of the neighbour from the centre, reading order: 0 1 2 / 3 . 4 / 5 6 7
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -33,26 +34,30 @@ class RelativePosition(nn.Module):
     ``gap`` / ``jitter``: fractions of a grid cell (the paper: 96 px patches, 48 px gaps -> gap 1/3; jitter up
     to 7 px -> 0.05). ``patch_size``: side each patch is resized to (default: its own size, at least 8).
     ``region_scale``: side of the random square region holding the grid, as a fraction of the image side.
-    ``all_neighbours``: all 8 (centre, neighbour) pairs of every image, else one drawn uniformly (default).
+    ``hidden_dim``: the head's hidden width, None for a linear head. ``all_neighbours``: all 8 (centre, neighbour) pairs of every image, else one drawn uniformly (default).
+    ``grayscale_p`` / ``normalize_patches``: grayscale images and per-patch standardization, the shortcut
+    guards of the jigsaw task (the paper fought chromatic aberration by dropping colour channels).
     """
 
     def __init__(self, encoder: Encoder, gap: float = 1 / 3, jitter: float = 0.05,
                  patch_size: int | None = None, region_scale: tuple[float, float] = (0.85, 1.0),
-                 hidden_dim: int = 512, all_neighbours: bool = False) -> None:
+                 hidden_dim: int | None = 512, all_neighbours: bool = False, grayscale_p: float = 0.0,
+                 normalize_patches: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.gap, self.jitter, self.patch_size = gap, jitter, patch_size
         self.region_scale = tuple(region_scale)
         self.all_neighbours = all_neighbours
+        self.grayscale_p, self.normalize_patches = grayscale_p, normalize_patches
         self.register_buffer("neighbour_cells", torch.tensor(_NEIGHBOUR_CELLS), persistent=False)  # (8,)
-        self.head = nn.Sequential(
-            nn.Linear(2 * encoder.feature_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True), nn.Linear(hidden_dim, len(NEIGHBOURS)))
+        self.head = pretext_head(2 * encoder.feature_dim, len(NEIGHBOURS), hidden_dim)
 
     def make_patches(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 or float images (B, C, H, W) -> patches (B, 1 + K, C, s, s), the centre first, and the
         labels (B, K) of the K neighbours that follow it (K = 8 in label order, or 1 drawn uniformly)."""
         x = to_float(images)
+        if self.grayscale_p > 0:
+            x = random_grayscale(x, self.grayscale_p)
         batch, _, height, width = x.shape
         size = self.patch_size or default_tile_size(height, width, 3, self.gap)
         boxes = grid_boxes(batch, height, width, 3, self.gap, self.jitter, self.region_scale,
@@ -64,7 +69,10 @@ class RelativePosition(nn.Module):
         rows = torch.arange(batch, device=x.device)[:, None]
         neighbours = boxes[rows, self.neighbour_cells[labels]]  # (B, K, 4)
         chosen = torch.cat([boxes[:, _CENTRE_CELL, None], neighbours], dim=1)  # (B, 1 + K, 4)
-        return cut_patches(x, chosen, size), labels
+        patches = cut_patches(x, chosen, size)
+        if self.normalize_patches:
+            patches = standardize_patches(patches, self.encoder.mean, self.encoder.std)
+        return patches, labels
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         patches, labels = self.make_patches(batch["images"])  # (B, 1 + K, C, s, s), (B, K)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from reprlab.data.augment import FinetuneAugment, to_float
 from reprlab.models.encoders import Encoder
+from reprlab.models.heads import pretext_head
 
 
 def rotate_batch(images: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,10 +42,7 @@ class Rotation(nn.Module):
                  crop_size: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        dim = encoder.feature_dim
-        self.head = nn.Linear(dim, 4) if hidden_dim is None else nn.Sequential(
-            nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, 4))
+        self.head = pretext_head(encoder.feature_dim, 4, hidden_dim)
         needs_augment = crop_scale is not None or flip_p > 0 or crop_size is not None
         self.augment = FinetuneAugment(size=crop_size, crop_scale=tuple(crop_scale) if crop_scale else None,
                                        flip_p=flip_p) if needs_augment else None

@@ -33,16 +33,18 @@ def test_knn_benchmark_agrees_across_backends(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (CIFAR / "train.npz").exists(), reason=f"CIFAR-10 npz not found at {CIFAR}")
-def test_quality_benchmark_uses_each_method_config_batch(tmp_path):
+def test_quality_benchmark_uses_each_method_config_batch_and_overrides(tmp_path):
     out = tmp_path / "quality.jsonl"
     benchmark("quality", "--epochs", "1", "--limit", "600", "--eval-limit", "600", "--test-limit", "200",
               "--methods", "rotation", "relative_position", "--no-lightly", "--workdir", str(tmp_path / "runs"),
-              "--out", str(out))
+              "--out", str(out), "--set", "method.params.hidden_dim=64")
     result = json.loads(out.read_text().splitlines()[-1])
+    assert result["overrides"] == ["method.params.hidden_dim=64"]
     rows = {row["label"]: row for row in result["rows"]}
     assert set(rows) == {"random resnet18", "pixels", "reprlab rotation", "reprlab relative_position"}
     for method in ("rotation", "relative_position"):  # each method at its own config's batch size
         cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml")
         assert rows[f"reprlab {method}"]["details"]["batch_size"] == cfg.train.batch_size
+        assert rows[f"reprlab {method}"]["details"]["params"]["hidden_dim"] == 64  # --set reached every method
     for row in rows.values():
         assert 0 <= row["metrics"]["knn_top1"] <= 1 and 0 <= row["metrics"]["linear_probe_top1"] <= 1

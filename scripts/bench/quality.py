@@ -3,16 +3,17 @@
 
     python scripts/benchmark.py quality                       # the README table (hours on a 2-core CPU)
     python scripts/benchmark.py quality --epochs 1 --limit 1000 --eval-limit 1000 --test-limit 500  # smoke
+    python scripts/benchmark.py quality --methods jigsaw --set method.params.normalize_tiles=true  # a variant
 
 Each method is trained from its ``configs/pretrain/<method>_cifar10.yaml`` (optimizer, batch size and method
 parameters) with the encoder, epochs, data and seed overridden to the same values for all (``--batch-size``
-imposes one batch size too). Batch size is a method's own choice: SimCLR needs large batches for its
-negatives, the proxy tasks and autoencoders learn more from more optimizer steps. lightly's SimCLR
-uses lightly's own pieces (``SimCLRTransform`` in DataLoader workers, ``SimCLRProjectionHead``,
-``NTXentLoss``, two forward passes, as in its examples) with the augmentation strengths and temperature of
-``simclr_cifar10.yaml``, the same encoder module (normalization inside, so lightly's transform does not
-normalize) and the same optimizer and schedule (reprlab's ``build_optimization``), so that only the SimCLR
-implementation differs.
+imposes one batch size too; ``--set key=value ...`` overrides config keys of every method). Batch size is a
+method's own choice: SimCLR needs large batches for its negatives, the proxy tasks and autoencoders learn more
+from more optimizer steps. lightly's SimCLR uses lightly's own pieces (``SimCLRTransform`` in DataLoader
+workers, ``SimCLRProjectionHead``, ``NTXentLoss``, two forward passes, as in its examples) with the
+augmentation strengths and temperature of ``simclr_cifar10.yaml``, the same encoder module (normalization
+inside, so lightly's transform does not normalize) and the same optimizer and schedule (reprlab's
+``build_optimization``), so that only the SimCLR implementation differs.
 
 Evaluation (reprlab.evaluate.run.evaluate_features): features of the train split (the kNN bank and the
 probe's training set), the validation split (carved from train, for the probe's hyperparameters) and the test
@@ -54,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="3x3/1 stem without max-pool (the CIFAR ResNet; 15x the FLOPs: GPU-scale)")
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
                         help="config stems: configs/pretrain/<name>_cifar10.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every method, e.g. method.params.grayscale_p=0.3 (variants)")
     parser.add_argument("--no-lightly", action="store_true", help="skip lightly's SimCLR")
     parser.add_argument("--lightly-workers", type=int, default=2, help="DataLoader workers for lightly's run")
     parser.add_argument("--data", default="npz:../shared/data/cifar10",
@@ -79,7 +82,7 @@ def method_config(method: str, args: argparse.Namespace):
     from reprlab.config import PretrainConfig, load_config
 
     path = REPO_ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml"
-    cfg = load_config(PretrainConfig, path)
+    cfg = load_config(PretrainConfig, path, args.set)
     kwargs = {"cifar_stem": True} if args.cifar_stem else {}
     return dataclasses.replace(
         cfg, name=f"quality_{method}", out_dir=args.workdir,
@@ -288,7 +291,7 @@ def main(argv: list[str]) -> int:
     result = {
         "bench": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": args.data,
         "encoder": args.encoder, "cifar_stem": args.cifar_stem, "epochs": args.epochs,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size, "overrides": args.set,
         "limit": args.limit, "eval_limit": args.eval_limit, "test_limit": args.test_limit,
         "eval_sizes": {name: len(split) for name, split in splits.items()}, "device": str(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reprlab.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from reprlab.ssl.jigsaw import (
     Jigsaw,
     assemble_tiles,
@@ -20,7 +21,6 @@ from reprlab.ssl.jigsaw import (
     permute_tiles,
     standardize_patches,
 )
-from reprlab.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from reprlab.ssl.relative_position import NEIGHBOURS, RelativePosition
 from reprlab.ssl.rotation import rotate_batch
 

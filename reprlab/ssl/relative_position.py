@@ -34,9 +34,10 @@ class RelativePosition(nn.Module):
     ``gap`` / ``jitter``: fractions of a grid cell (the paper: 96 px patches, 48 px gaps -> gap 1/3; jitter up
     to 7 px -> 0.05). ``patch_size``: side each patch is resized to (default: its own size, at least 8).
     ``region_scale``: side of the random square region holding the grid, as a fraction of the image side.
-    ``hidden_dim``: the head's hidden width, None for a linear head. ``all_neighbours``: all 8 (centre, neighbour) pairs of every image, else one drawn uniformly (default).
-    ``grayscale_p`` / ``normalize_patches``: grayscale images and per-patch standardization, the shortcut
-    guards of the jigsaw task (the paper fought chromatic aberration by dropping colour channels).
+    ``hidden_dim``: the head's hidden width, None for a linear head. ``all_neighbours``: all 8 (centre,
+    neighbour) pairs of every image, else one drawn uniformly (default). ``grayscale_p`` /
+    ``normalize_patches``: grayscale images and per-patch standardization, the jigsaw task's shortcut guards
+    (the paper fought chromatic aberration by dropping colour channels).
     """
 
     def __init__(self, encoder: Encoder, gap: float = 1 / 3, jitter: float = 0.05,

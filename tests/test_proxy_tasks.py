@@ -143,12 +143,16 @@ def test_standardized_patches_have_zero_mean_unit_std_as_the_encoder_sees_them()
     torch.testing.assert_close(flat, mean.expand(1, 3, 4, 4))  # a flat patch becomes the encoder's zero
 
 
-def test_jigsaw_shortcut_guards_grayscale_and_normalize_every_tile(tiny_encoder):
+@pytest.mark.parametrize("make_patches", [
+    lambda encoder: Jigsaw(encoder, num_permutations=12, grayscale_p=1.0, normalize_tiles=True,
+                           cache_permutations=False).make_puzzles,
+    lambda encoder: RelativePosition(encoder, patch_size=8, grayscale_p=1.0, normalize_patches=True,
+                                     all_neighbours=True).make_patches,
+], ids=["jigsaw", "relative_position"])
+def test_shortcut_guards_grayscale_and_standardize_every_patch(tiny_encoder, make_patches):
     torch.manual_seed(0)
-    jigsaw = Jigsaw(tiny_encoder, num_permutations=12, grayscale_p=1.0, normalize_tiles=True,
-                    cache_permutations=False)
-    tiles, _ = jigsaw.make_puzzles(torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8))
-    seen = (tiles - tiny_encoder.mean) / tiny_encoder.std
+    patches, _ = make_patches(tiny_encoder)(torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8))
+    seen = (patches - tiny_encoder.mean) / tiny_encoder.std  # (3, 9, 3, s, s): what the encoder works on
     torch.testing.assert_close(seen.mean(dim=(-2, -1)), torch.zeros(3, 9, 3), rtol=0, atol=1e-5)
     torch.testing.assert_close(seen.std(dim=(-2, -1)), torch.ones(3, 9, 3), rtol=0, atol=1e-4)
     torch.testing.assert_close(seen[:, :, 0], seen[:, :, 2], rtol=0, atol=1e-5)  # grayscale: equal channels
@@ -212,16 +216,6 @@ def test_relative_position_loss_counts_every_pair(tiny_encoder):
                                             dim=1)), labels[b, k, None])
         for b in range(3) for k in range(8)]).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_relative_position_shortcut_guards_grayscale_and_normalize_every_patch(tiny_encoder):
-    task = RelativePosition(tiny_encoder, patch_size=8, grayscale_p=1.0, normalize_patches=True,
-                            all_neighbours=True)
-    patches, _ = task.make_patches(torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8))
-    seen = (patches - tiny_encoder.mean) / tiny_encoder.std  # (2, 9, 3, 8, 8)
-    torch.testing.assert_close(seen.mean(dim=(-2, -1)), torch.zeros(2, 9, 3), rtol=0, atol=1e-5)
-    torch.testing.assert_close(seen.std(dim=(-2, -1)), torch.ones(2, 9, 3), rtol=0, atol=1e-4)
-    torch.testing.assert_close(seen[:, :, 0], seen[:, :, 1], rtol=0, atol=1e-5)
 
 
 def test_neighbour_table_is_the_eight_offsets_in_reading_order():

@@ -114,13 +114,13 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
 
 def load_encoder(path: str | Path):  # -> Encoder (import kept lazy: models pull in torchvision)
     """Rebuild the encoder saved in a run directory (``meta.json`` + ``encoder.safetensors``), strictly."""
-    from reprlab.models.encoders import create_encoder
+    from reprlab.models.encoders import encoder_from_spec
 
     path = Path(path)
     run_dir = path.parent if path.suffix == ".safetensors" else path
     meta = read_meta(run_dir)
     spec = meta["encoder"]
-    encoder = create_encoder(spec["name"], **spec.get("kwargs", {}))
+    encoder = encoder_from_spec(spec)
     kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "hf_config"}  # HF configs are long
     load_weights(run_dir / "encoder.safetensors", encoder,
                  expected=f"the encoder {spec['name']!r} {kwargs} named in {run_dir / 'meta.json'}")

@@ -41,7 +41,11 @@ def test_quality_benchmark_uses_each_method_config_batch_and_overrides(tmp_path)
     result = json.loads(out.read_text().splitlines()[-1])
     assert result["overrides"] == ["method.params.hidden_dim=64"]
     rows = {row["label"]: row for row in result["rows"]}
-    assert set(rows) == {"random resnet18", "pixels", "reprlab rotation", "reprlab relative_position"}
+    assert set(rows) == {"random resnet18", "pixels", "reprlab rotation", "reprlab relative_position",
+                         "random resnet18, patch-pooled as relative_position"}
+    pooled = rows["random resnet18, patch-pooled as relative_position"]  # untrained, embedded as relpos embeds
+    assert pooled["wall_s"] is None and pooled["details"]["patch_pooling"]["grid"] == 3
+    assert pooled["metrics"] != rows["random resnet18"]["metrics"]
     for method in ("rotation", "relative_position"):  # each method at its own config's batch size
         cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml")
         assert rows[f"reprlab {method}"]["details"]["batch_size"] == cfg.train.batch_size

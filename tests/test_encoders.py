@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from reprlab.checkpoint import CheckpointError, load_encoder, save_encoder
-from reprlab.models.encoders import PixelEncoder, create_encoder
+from reprlab.models.encoders import PatchPooling, PixelEncoder, create_encoder
 
 
 def test_torchvision_resnet_cifar_stem_and_greyscale():
@@ -93,6 +93,25 @@ def test_run_dir_round_trip_and_strict_load(tmp_path):
         load_encoder(tmp_path / "bad")
     with pytest.raises(CheckpointError, match="no meta.json"):
         load_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_patch_pooling_averages_the_features_of_the_grid_cells(standardize, tmp_path):
+    torch.manual_seed(0)
+    encoder = create_encoder("timm:test_resnet").eval().pool_patches(PatchPooling(3, 8, standardize))
+    images = torch.rand(2, 3, 24, 24)
+    cells = [images[:, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] for r in range(3) for c in range(3)]  # whole 8 px cells
+    if standardize:  # each cell on its own: zero mean, unit std per channel once the encoder normalizes it
+        cells = [(x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True) * encoder.std + encoder.mean
+                 for x in cells]
+    expected = torch.stack([encoder.features(x) for x in cells]).mean(dim=0)
+    assert torch.allclose(encoder(images), expected, atol=1e-5)
+    assert not torch.allclose(encoder(images), encoder.features(images), atol=1e-3)
+    save_encoder(tmp_path, encoder, {})
+    again = load_encoder(tmp_path)  # the pooling is part of the spec a checkpoint stores
+    assert again.patch_pooling == PatchPooling(3, 8, standardize)
+    assert torch.allclose(again(images), encoder(images), atol=1e-6)
+    assert "patch_pooling" not in encoder.pool_patches(None).spec
 
 
 def test_pixels_baseline():

@@ -10,17 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reprlab.data.patches import cut_patches, grid_boxes, standardize_patches
 from reprlab.models.encoders import IMAGENET_MEAN, IMAGENET_STD
-from reprlab.ssl.jigsaw import (
-    Jigsaw,
-    assemble_tiles,
-    cut_patches,
-    grid_boxes,
-    min_hamming_distance,
-    permutation_set,
-    permute_tiles,
-    standardize_patches,
-)
+from reprlab.ssl.jigsaw import Jigsaw, assemble_tiles, min_hamming_distance, permutation_set, permute_tiles
 from reprlab.ssl.relative_position import NEIGHBOURS, RelativePosition
 from reprlab.ssl.rotation import rotate_batch
 

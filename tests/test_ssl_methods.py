@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reprlab.config import PretrainConfig, load_config
-from reprlab.models.encoders import create_encoder
+from reprlab.models.encoders import PatchPooling, create_encoder
 from reprlab.ssl import METHODS, build_method
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
@@ -83,6 +83,31 @@ def test_proxy_task_heads_are_linear_or_one_hidden_layer(name, hidden_dim, linea
     linears = [m for m in method.head.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == linear_layers
     assert torch.isfinite(_one_step(method, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))["loss"])
+
+
+@pytest.mark.parametrize("name, key, tiles", [("jigsaw", "tile_dim", 9), ("relative_position", "patch_dim", 2)])
+def test_patch_tasks_per_tile_layer_sits_between_encoder_and_head(name, key, tiles):
+    method = build_method(name, _tiny_encoder(), {**TINY_PARAMS[name], key: 12})
+    layer = method.tile_layer if name == "jigsaw" else method.patch_layer
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append((args[0].shape, out.shape)))
+    _one_step(method, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    (rows, dim), (out_rows, out_dim) = seen[0]
+    assert rows == out_rows == 8 * tiles and dim == method.encoder.feature_dim and out_dim == 12  # every tile
+    assert next(m for m in method.head.modules() if isinstance(m, torch.nn.Linear)).in_features == tiles * 12
+    assert layer[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, size, normalize", [("jigsaw", "tile_size", "normalize_tiles"),
+                                                  ("relative_position", "patch_size", "normalize_patches")])
+def test_patch_tasks_make_the_encoder_embed_images_as_it_was_trained(name, size, normalize):
+    params = {**TINY_PARAMS[name], size: 8, normalize: True}
+    encoder = _tiny_encoder()
+    build_method(name, encoder, params)
+    assert encoder.patch_pooling == PatchPooling(3, 8, True) and encoder.spec["patch_pooling"]["size"] == 8
+    whole = _tiny_encoder()
+    build_method(name, whole, {**params, "pool_patches": False})
+    assert whole.patch_pooling is None and "patch_pooling" not in whole.spec
 
 
 def test_registry_errors_list_the_valid_choices():

@@ -32,7 +32,7 @@ from reprlab.evaluate.linear_probe import sklearn_linear_probe, train_linear_pro
 from reprlab.evaluate.quality import alignment, quality_report
 from reprlab.evaluate.report import MAP_METHODS
 from reprlab.evaluate.retrieval import retrieval_metrics
-from reprlab.models.encoders import PixelEncoder, create_encoder
+from reprlab.models.encoders import PixelEncoder, create_encoder, encoder_from_spec
 
 KEYWORDS = ("random", "pixels")
 # Queries per retrieval_metrics call: memory is chunk x (the largest class in the bank).
@@ -101,7 +101,7 @@ def resolve_encoders(refs: list[str], arch: EncoderConfig, seed: int = 0) -> lis
             torch.manual_seed(seed)
             if run_dirs:
                 spec = read_meta(run_dirs[0])["encoder"]
-                encoder = create_encoder(spec["name"], **spec.get("kwargs", {}))
+                encoder = encoder_from_spec(spec)  # the run's architecture and image embedding
                 identity = f"random:{spec}:{seed}"
             else:  # arch may carry pretrained weights: then this is a "pretrained elsewhere" baseline
                 spec = {"name": arch.name, "kwargs": arch.kwargs}
@@ -110,6 +110,8 @@ def resolve_encoders(refs: list[str], arch: EncoderConfig, seed: int = 0) -> lis
                 identity = f"random:{spec}:{arch.pretrained}:{arch.weights}:{seed}"
             pretrained = not run_dirs and (arch.pretrained or arch.weights)
             label = f"{'pretrained' if pretrained else 'random'} {spec['name']}"
+            if spec.get("patch_pooling"):
+                label += " (patch-pooled)"
             item = ResolvedEncoder(label, encoder, identity, "random")
         else:
             path = Path(ref)

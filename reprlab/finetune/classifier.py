@@ -72,7 +72,7 @@ class LoadedClassifier:
 def load_classifier(path: str | Path) -> LoadedClassifier:
     """Rebuild a fine-tuned classifier from its run directory (``meta.json`` + ``model.safetensors``),
     strictly: every weight must match."""
-    from reprlab.models.encoders import create_encoder
+    from reprlab.models.encoders import encoder_from_spec
 
     run_dir = Path(path)
     seed_dirs = sorted(p.name for p in run_dir.glob("seed*") if (p / "meta.json").is_file())
@@ -83,7 +83,7 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     if "num_classes" not in meta:
         raise ValueError(f"{run_dir} holds an encoder, not a fine-tuned classifier; use reprlab.load_encoder")
     spec = meta["encoder"]
-    model = Classifier(create_encoder(spec["name"], **spec.get("kwargs", {})), meta["num_classes"],
+    model = Classifier(encoder_from_spec(spec), meta["num_classes"],
                        dropout=meta["head"]["dropout"], init="default")
     load_weights(run_dir / "model.safetensors", model)
     return LoadedClassifier(model, meta["classes"], meta)

@@ -3,7 +3,8 @@
 ``create_encoder(name)`` returns an :class:`Encoder`: ``encoder(images) -> (B, feature_dim)`` for float images in
 [0, 1] of shape (B, C, H, W). Normalization lives inside, and greyscale input is repeated to three channels, so
 every caller feeds the same thing. ``encoder.layer_groups()`` lists parameter groups from input to output for
-freezing policies and layer-wise learning-rate decay.
+freezing policies and layer-wise learning-rate decay. ``encoder.pool_patches(PatchPooling(...))`` makes it embed
+an image as the mean of its features over a grid of patches (how encoders of patch-based proxy tasks see images).
 
 Names: ``resnet18`` (any torchvision classification model; ``cifar_stem=True`` for 32 px ResNets),
 ``timm:<model>`` (any timm model, classifier removed), ``hf:<hub id or local dir>`` (AutoModel, pooled output).
@@ -11,6 +12,7 @@ Names: ``resnet18`` (any torchvision classification model; ``cifar_stem=True`` f
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class PatchPooling:
+    """An image's embedding as the mean of the encoder's features over a ``grid`` x ``grid`` of whole cells, each
+    resized to ``size`` px (None: its own size, at least 8) and, with ``standardize``, normalized on its own.
+
+    Encoders trained on patches (jigsaw, relative position) embed an image at the scale they were trained on, as
+    in Kolesnikov et al. (2019)'s evaluation of those tasks (3x3 patches, features averaged)."""
+
+    grid: int = 3
+    size: int | None = None
+    standardize: bool = False
+
+
 class Encoder(nn.Module):
-    """Wraps a backbone: normalizes [0, 1] images, runs it, returns pooled features (B, feature_dim)."""
+    """Wraps a backbone: normalizes [0, 1] images, runs it, returns pooled features (B, feature_dim).
+
+    ``features(images)``: one feature vector per input. ``forward(images)``: the same, or with
+    :meth:`pool_patches` set, the mean over a grid of patches of every image."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, spec: dict[str, Any],
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
@@ -36,8 +54,33 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self._groups = groups
+        self.patch_pooling: PatchPooling | None = None
+
+    def pool_patches(self, pooling: PatchPooling | None) -> Encoder:
+        """Embed every image as the mean over a grid of its patches from now on (None: the whole image); part of
+        ``spec``, so checkpoints rebuild it."""
+        self.patch_pooling = pooling
+        self.spec = {k: v for k, v in self.spec.items() if k != "patch_pooling"}
+        if pooling is not None:
+            self.spec["patch_pooling"] = asdict(pooling)
+        return self
 
     def forward(self, images: Tensor) -> Tensor:
+        pooling = self.patch_pooling
+        if pooling is None:
+            return self.features(images)
+        from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
+
+        batch, _, height, width = images.shape
+        boxes = grid_boxes(batch, height, width, pooling.grid, gap=0.0, jitter=0.0, device=images.device)
+        size = pooling.size or default_tile_size(height, width, pooling.grid, gap=0.0)
+        patches = cut_patches(images, boxes, size)  # (B, T, C, s, s)
+        if pooling.standardize:
+            patches = standardize_patches(patches, self.mean, self.std)
+        return self.features(patches.flatten(0, 1)).view(batch, patches.shape[1], -1).mean(dim=1)
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) float images in [0, 1] -> (B, feature_dim), one vector per input."""
         if images.shape[1] == 1 and self.mean.shape[1] == 3:
             images = images.expand(-1, 3, -1, -1)
         if self.input_size is not None and images.shape[-1] != self.input_size:
@@ -285,6 +328,14 @@ def create_encoder(name: str, pretrained: bool = False, weights: str | None = No
     if name.startswith("hf:"):
         return _hf_encoder(name[3:], pretrained, weights, **kwargs)
     return _torchvision_encoder(name, pretrained, weights, **kwargs)
+
+
+def encoder_from_spec(spec: dict[str, Any]) -> Encoder:
+    """Rebuild an encoder's architecture (random weights) from its ``spec``, as checkpoints store it."""
+    encoder = create_encoder(spec["name"], **spec.get("kwargs", {}))
+    if spec.get("patch_pooling"):
+        encoder.pool_patches(PatchPooling(**spec["patch_pooling"]))
+    return encoder
 
 
 class PixelEncoder(nn.Module):

@@ -35,6 +35,16 @@ def pretext_head(in_dim: int, num_classes: int, hidden_dim: int | None = None) -
     return projection_head(in_dim, hidden_dim or in_dim, num_classes, num_layers=layers, output_bn=False)
 
 
+def tile_embedding(in_dim: int, out_dim: int | None) -> nn.Module:
+    """A patch task's per-tile layer, Linear-BN-ReLU shared by every tile before their features are combined
+    (the fc6 of Doersch et al. and Noroozi & Favaro); Identity for ``out_dim=None``.
+
+    It keeps task-specific per-tile computation out of the encoder whose features are evaluated."""
+    if out_dim is None:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
+
+
 def classifier_head(in_dim: int, num_classes: int, dropout: float = 0.0, init: str = "zeros") -> nn.Sequential:
     """Dropout + Linear classifier; ``init``: zeros | xavier | he | default (PyTorch's)."""
     linear = nn.Linear(in_dim, num_classes)

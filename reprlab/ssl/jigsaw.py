@@ -7,7 +7,7 @@ that continue across tiles are no shortcut; each tile is resized to ``tile_size`
 encoder. Small images: a tile is cut with sub-pixel precision (bilinear) and resized up to ``tile_size``, at
 least 8 px, so the 2.7 px cells of an 8x8 digit become 8x8 tiles.
 
-Geometry helpers (``grid_boxes``, ``cut_patches``) are shared with the relative-position task.
+The tile geometry (``reprlab.data.patches``) is shared with the relative-position task.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlab.data.augment import random_grayscale, to_float
-from reprlab.models.encoders import Encoder
-from reprlab.models.heads import pretext_head
+from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
+from reprlab.models.encoders import Encoder, PatchPooling
+from reprlab.models.heads import pretext_head, tile_embedding
 
-MIN_TILE_SIZE = 8  # smallest side a tile is resized to (torchvision ResNets run on 8 px input)
 _MAX_ENUMERATED = math.factorial(9)  # candidate permutations are enumerated: at most 3x3 tiles
 
 
@@ -117,59 +117,7 @@ def min_hamming_distance(permutations: Tensor) -> int:
     return int(distances.min())
 
 
-# --------------------------------------------------------------------------------------------- geometry
-
-
-def grid_boxes(batch: int, height: int, width: int, grid: int = 3, gap: float = 0.15, jitter: float = 0.075,
-               region_scale: tuple[float, float] = (1.0, 1.0), device: torch.device | str = "cpu") -> Tensor:
-    """(B, grid * grid, 4) boxes (x1, y1, x2, y2) in pixels of the tiles of a grid x grid puzzle, row-major.
-
-    Per image, a square region of side ~ U[region_scale] * min(H, W) is placed uniformly; it is split into
-    cells; each tile has side ``(1 - gap) * cell`` and sits at the cell centre moved by U[-jitter, jitter] *
-    cell on each axis (``jitter <= gap / 2`` keeps tiles inside their cells)."""
-    if not 0 <= gap < 1 or not 0 <= jitter <= gap / 2 + 1e-9:
-        raise ValueError(f"need 0 <= gap < 1 and 0 <= jitter <= gap / 2, got gap={gap}, jitter={jitter}")
-    if not 0 < region_scale[0] <= region_scale[1] <= 1:
-        raise ValueError(f"region_scale must satisfy 0 < low <= high <= 1, got {region_scale}")
-    low, high = region_scale
-    side = (low + (high - low) * torch.rand(batch, 1, device=device)) * min(height, width)  # (B, 1)
-    top = torch.rand(batch, 1, device=device) * (height - side)  # (B, 1)
-    left = torch.rand(batch, 1, device=device) * (width - side)
-    cell = side / grid  # (B, 1)
-    tile = (1 - gap) * cell
-    index = torch.arange(grid * grid, device=device)
-    rows, cols = (index // grid).float(), (index % grid).float()  # (T,)
-    shift = (2 * torch.rand(batch, grid * grid, 2, device=device) - 1) * jitter * cell[..., None]  # (B, T, 2)
-    y1 = top + rows * cell + (cell - tile) / 2 + shift[..., 0]  # (B, T)
-    x1 = left + cols * cell + (cell - tile) / 2 + shift[..., 1]
-    return torch.stack([x1, y1, x1 + tile, y1 + tile], dim=-1)  # (B, T, 4)
-
-
-def cut_patches(images: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Cut boxes (B, T, 4) = (x1, y1, x2, y2) from float images (B, C, H, W), each resized to size x size.
-
-    ``roi_align`` (aligned, adaptive sampling): bilinear sampling at the output pixel centres, averaged over
-    several samples per output pixel when a patch is shrunk; a box on whole pixels at its own size is an exact
-    copy. Returns (B, T, C, size, size)."""
-    from torchvision.ops import roi_align
-
-    batch, tiles = boxes.shape[:2]
-    owner = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(tiles)  # (B*T,)
-    rois = torch.cat([owner[:, None], boxes.reshape(-1, 4)], dim=1)  # (B*T, 5)
-    patches = roi_align(images, rois.to(images.dtype), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                        aligned=True)  # (B*T, C, size, size)
-    return patches.view(batch, tiles, *patches.shape[1:])
-
-
-def standardize_patches(patches: Tensor, mean: Tensor, std: Tensor, eps: float = 1 / 255) -> Tensor:
-    """Patches (..., C, s, s) in [0, 1] -> patches the encoder sees with zero mean and unit std per patch and
-    channel, once it applies its own ``(x - mean) / std`` (``mean``/``std``: the encoder's buffers).
-
-    Noroozi & Favaro normalize every tile independently so that low-level statistics (brightness, contrast,
-    colour cast) cannot tell neighbours apart; a near-flat patch's std is floored at ``eps``."""
-    centred = patches - patches.mean(dim=(-2, -1), keepdim=True)
-    scale = patches.std(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    return centred / scale * std + mean
+# --------------------------------------------------------------------------------------------- tiles
 
 
 def permute_tiles(tiles: Tensor, permutations: Tensor) -> Tensor:
@@ -187,11 +135,6 @@ def assemble_tiles(tiles: Tensor, grid: int) -> Tensor:
     return x.reshape(batch, channels, grid * size, grid * size)
 
 
-def default_tile_size(height: int, width: int, grid: int, gap: float) -> int:
-    """The tile's own pixel size at full region scale, at least MIN_TILE_SIZE."""
-    return max(MIN_TILE_SIZE, round((1 - gap) * min(height, width) / grid))
-
-
 # --------------------------------------------------------------------------------------------- method
 
 
@@ -202,18 +145,22 @@ class Jigsaw(nn.Module):
     works, with at most 24 permutations). ``gap`` / ``jitter``: fractions of a cell (the paper's 64 px tiles
     in 75 px cells: gap 0.15, jitter up to the remaining 0.075). ``tile_size``: pixels each tile is resized to
     (default: its own size, at least 8). ``region_scale``: side of the random square region holding the grid,
-    as a fraction of the image side. ``hidden_dim``: the head's hidden width, None for a linear head.
-    ``grayscale_p``: share of images turned to grayscale before tiling, and ``normalize_tiles``: every tile
-    standardized on its own (:func:`standardize_patches`); the paper's guards against colour and
-    low-level-statistics shortcuts (0.3 and on there). ``seed``: the permutation set's seed;
-    ``cache_permutations``: also keep the set in ``~/.cache/reprlab``.
+    as a fraction of the image side. ``tile_dim``: width of the per-tile layer between the encoder and the
+    concatenation (the paper's fc6), None for none. ``hidden_dim``: the head's hidden width after the
+    concatenation (the paper's fc7), None for a linear head. ``grayscale_p``: share of images turned to
+    grayscale before tiling, and ``normalize_tiles``: every tile standardized on its own
+    (:func:`standardize_patches`); the paper's guards against colour and low-level-statistics shortcuts (0.3
+    and on there). ``seed``: the permutation set's seed; ``cache_permutations``: also keep the set in
+    ``~/.cache/reprlab``. ``pool_patches``: the encoder embeds a whole image as the mean of its features over
+    the grid's cells, each resized and normalized as the tiles are (:class:`PatchPooling`: the scale it was
+    trained at); False: the whole image at once.
     """
 
     def __init__(self, encoder: Encoder, num_permutations: int = 100, grid: int = 3, gap: float = 0.15,
                  jitter: float = 0.075, tile_size: int | None = None,
-                 region_scale: tuple[float, float] = (0.85, 1.0), hidden_dim: int | None = 512,
-                 grayscale_p: float = 0.0, normalize_tiles: bool = False, seed: int = 0,
-                 cache_permutations: bool = True) -> None:
+                 region_scale: tuple[float, float] = (0.85, 1.0), tile_dim: int | None = None,
+                 hidden_dim: int | None = 512, grayscale_p: float = 0.0, normalize_tiles: bool = False,
+                 seed: int = 0, cache_permutations: bool = True, pool_patches: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.grid, self.gap, self.jitter, self.tile_size = grid, gap, jitter, tile_size
@@ -223,7 +170,9 @@ class Jigsaw(nn.Module):
         # not persistent: the set is a function of (num_permutations, grid, seed), rebuilt on load
         self.register_buffer("permutations", permutation_set(num_permutations, grid * grid, seed, cache_dir),
                              persistent=False)  # (P, T)
-        self.head = pretext_head(grid * grid * encoder.feature_dim, num_permutations, hidden_dim)
+        encoder.pool_patches(PatchPooling(grid, tile_size, normalize_tiles) if pool_patches else None)
+        self.tile_layer = tile_embedding(encoder.feature_dim, tile_dim)
+        self.head = pretext_head(grid * grid * (tile_dim or encoder.feature_dim), num_permutations, hidden_dim)
 
     def make_puzzles(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 or float images (B, C, H, W) -> shuffled tiles (B, T, C, s, s) and their permutations'
@@ -243,7 +192,7 @@ class Jigsaw(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         shuffled, labels = self.make_puzzles(batch["images"])  # (B, T, C, s, s), (B,)
-        features = self.encoder(shuffled.flatten(0, 1))  # (B * T, D): one pass, BN sees every tile
+        features = self.tile_layer(self.encoder.features(shuffled.flatten(0, 1)))  # (B * T, D'): one pass for all tiles
         logits = self.head(features.view(shuffled.shape[0], -1))  # (B, P)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return {"loss": F.cross_entropy(logits, labels), "acc": accuracy}

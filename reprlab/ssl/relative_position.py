@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlab.data.augment import random_grayscale, to_float
-from reprlab.models.encoders import Encoder
-from reprlab.models.heads import pretext_head
-from reprlab.ssl.jigsaw import cut_patches, default_tile_size, grid_boxes, standardize_patches
+from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
+from reprlab.models.encoders import Encoder, PatchPooling
+from reprlab.models.heads import pretext_head, tile_embedding
 
 # label -> (row, column) offset of the neighbour from the centre, reading order: 0 1 2 / 3 . 4 / 5 6 7
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -34,16 +34,19 @@ class RelativePosition(nn.Module):
     ``gap`` / ``jitter``: fractions of a grid cell (the paper: 96 px patches, 48 px gaps -> gap 1/3; jitter up
     to 7 px -> 0.05). ``patch_size``: side each patch is resized to (default: its own size, at least 8).
     ``region_scale``: side of the random square region holding the grid, as a fraction of the image side.
-    ``hidden_dim``: the head's hidden width, None for a linear head. ``all_neighbours``: all 8 (centre,
-    neighbour) pairs of every image, else one drawn uniformly (default). ``grayscale_p`` /
-    ``normalize_patches``: grayscale images and per-patch standardization, the jigsaw task's shortcut guards
-    (the paper fought chromatic aberration by dropping colour channels).
+    ``patch_dim``: width of the per-patch layer between the encoder and the pairing (the paper's fc6), None for
+    none. ``hidden_dim``: the head's hidden width after the pairing (the paper's fc7), None for a linear head.
+    ``all_neighbours``: all 8 (centre, neighbour) pairs of every image, else one drawn uniformly (default).
+    ``grayscale_p`` / ``normalize_patches``: grayscale images and per-patch standardization, the jigsaw task's
+    shortcut guards (the paper fought chromatic aberration by dropping colour channels). ``pool_patches``: the
+    encoder embeds a whole image as the mean of its features over a 3x3 grid of patches resized and normalized
+    as in training (:class:`PatchPooling`); False: the whole image at once.
     """
 
     def __init__(self, encoder: Encoder, gap: float = 1 / 3, jitter: float = 0.05,
                  patch_size: int | None = None, region_scale: tuple[float, float] = (0.85, 1.0),
-                 hidden_dim: int | None = 512, all_neighbours: bool = False, grayscale_p: float = 0.0,
-                 normalize_patches: bool = False) -> None:
+                 patch_dim: int | None = None, hidden_dim: int | None = 512, all_neighbours: bool = False,
+                 grayscale_p: float = 0.0, normalize_patches: bool = False, pool_patches: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.gap, self.jitter, self.patch_size = gap, jitter, patch_size
@@ -51,7 +54,9 @@ class RelativePosition(nn.Module):
         self.all_neighbours = all_neighbours
         self.grayscale_p, self.normalize_patches = grayscale_p, normalize_patches
         self.register_buffer("neighbour_cells", torch.tensor(_NEIGHBOUR_CELLS), persistent=False)  # (8,)
-        self.head = pretext_head(2 * encoder.feature_dim, len(NEIGHBOURS), hidden_dim)
+        encoder.pool_patches(PatchPooling(3, patch_size, normalize_patches) if pool_patches else None)
+        self.patch_layer = tile_embedding(encoder.feature_dim, patch_dim)
+        self.head = pretext_head(2 * (patch_dim or encoder.feature_dim), len(NEIGHBOURS), hidden_dim)
 
     def make_patches(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 or float images (B, C, H, W) -> patches (B, 1 + K, C, s, s), the centre first, and the
@@ -78,7 +83,8 @@ class RelativePosition(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         patches, labels = self.make_patches(batch["images"])  # (B, 1 + K, C, s, s), (B, K)
         size, count = patches.shape[0], patches.shape[1]
-        features = self.encoder(patches.flatten(0, 1)).view(size, count, -1)  # one pass: BN sees both kinds
+        features = self.patch_layer(self.encoder.features(patches.flatten(0, 1)))  # one pass: BN sees both kinds
+        features = features.view(size, count, -1)  # (B, 1 + K, D')
         centre = features[:, :1].expand(-1, count - 1, -1)  # (B, K, D)
         pair_features = torch.cat([centre, features[:, 1:]], dim=2).flatten(0, 1)  # (B * K, 2D)
         logits = self.head(pair_features)  # (B * K, 8)

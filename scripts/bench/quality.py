@@ -19,7 +19,8 @@ Evaluation (reprlab.evaluate.run.evaluate_features): features of the train split
 probe's training set), the validation split (carved from train, for the probe's hyperparameters) and the test
 split; kNN top-1 at fixed k=200, T=0.1 (the CIFAR monitor protocol of InstDisc/MoCo/lightly) and k=20, T=0.07
 (DINO); linear-probe top-1 (reprlab's torch probe, lr and weight decay chosen on val). Wall time is
-pretraining only.
+pretraining only. Encoders of the patch tasks embed an image as the mean over a 3x3 grid of patches (their
+``pool_patches``); each such pooling is also scored on the untrained network (``random ..., patch-pooled``).
 Prints a markdown table and appends one JSON line to ``--out``.
 """
 
@@ -258,6 +259,7 @@ def main(argv: list[str]) -> int:
     from reprlab import distributed
     from reprlab.config import EncoderConfig
     from reprlab.evaluate.run import resolve_encoders
+    from reprlab.models.encoders import encoder_from_spec
 
     device = distributed.setup(args.device)
     splits = evaluation_data(args)
@@ -277,9 +279,17 @@ def main(argv: list[str]) -> int:
     arch = EncoderConfig(name=args.encoder, kwargs={"cifar_stem": True} if args.cifar_stem else {})
     for baseline in resolve_encoders(["random", "pixels"], arch, args.seed):
         record(baseline.label, baseline.encoder, None)
+    pooled_baselines: set[str] = set()
     for method in args.methods:
         encoder, wall, details = train_reprlab(method, args)
         record(f"reprlab {method}", encoder, wall, details)
+        pooling = encoder.spec.get("patch_pooling")
+        if pooling and json.dumps(pooling, sort_keys=True) not in pooled_baselines:
+            # the untrained network embedding images the same way: what pooling alone gives
+            pooled_baselines.add(json.dumps(pooling, sort_keys=True))
+            torch.manual_seed(args.seed)  # the weights of the `random` row (resolve_encoders seeds the same way)
+            record(f"random {args.encoder}, patch-pooled as {method}", encoder_from_spec(encoder.spec), None,
+                   {"patch_pooling": pooling})
     if not args.no_lightly:
         trained = train_lightly(args)
         if trained is not None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,8 +71,6 @@ class Encoder(nn.Module):
         pooling = self.patch_pooling
         if pooling is None:
             return self.features(images)
-        from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
-
         batch, _, height, width = images.shape
         boxes = grid_boxes(batch, height, width, pooling.grid, gap=0.0, jitter=0.0, device=images.device)
         size = pooling.size or default_tile_size(height, width, pooling.grid, gap=0.0)

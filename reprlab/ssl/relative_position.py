@@ -85,8 +85,8 @@ class RelativePosition(nn.Module):
         size, count = patches.shape[0], patches.shape[1]
         features = self.patch_layer(self.encoder.features(patches.flatten(0, 1)))  # one pass: BN sees both kinds
         features = features.view(size, count, -1)  # (B, 1 + K, D')
-        centre = features[:, :1].expand(-1, count - 1, -1)  # (B, K, D)
-        pair_features = torch.cat([centre, features[:, 1:]], dim=2).flatten(0, 1)  # (B * K, 2D)
+        centre = features[:, :1].expand(-1, count - 1, -1)  # (B, K, D')
+        pair_features = torch.cat([centre, features[:, 1:]], dim=2).flatten(0, 1)  # (B * K, 2D')
         logits = self.head(pair_features)  # (B * K, 8)
         labels = labels.flatten()
         accuracy = (logits.argmax(dim=1) == labels).float().mean()

@@ -51,7 +51,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
-        self.spec = spec  # {"name": ..., "kwargs": {...}}: enough to rebuild the architecture
+        self._architecture = spec  # {"name": ..., "kwargs": {...}}: enough to rebuild the architecture
         self.input_size = input_size  # models with a fixed input resolution (HF ViT) get resized input
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -62,10 +62,15 @@ class Encoder(nn.Module):
         """Embed every image as the mean over a grid of its patches from now on (None: the whole image); part of
         ``spec``, so checkpoints rebuild it."""
         self.patch_pooling = pooling
-        self.spec = {k: v for k, v in self.spec.items() if k != "patch_pooling"}
-        if pooling is not None:
-            self.spec["patch_pooling"] = asdict(pooling)
         return self
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What checkpoints store to rebuild this encoder (:func:`encoder_from_spec`): the architecture's
+        ``{"name", "kwargs"}`` and, when set, the patch pooling."""
+        if self.patch_pooling is None:
+            return self._architecture
+        return {**self._architecture, "patch_pooling": asdict(self.patch_pooling)}
 
     def forward(self, images: Tensor) -> Tensor:
         pooling = self.patch_pooling

@@ -112,7 +112,7 @@ def train_reprlab(method: str, args: argparse.Namespace) -> tuple[torch.nn.Modul
     pretrain(cfg)
     wall = time.perf_counter() - start
     details = {"batch_size": cfg.train.batch_size, "optim": dataclasses.asdict(cfg.optim),
-               "params": dict(cfg.method.params)}
+               "params": dict(cfg.method.params), "run_dir": str(run_dir)}
     return load_encoder(run_dir), wall, details
 
 
@@ -259,7 +259,6 @@ def main(argv: list[str]) -> int:
     from reprlab import distributed
     from reprlab.config import EncoderConfig
     from reprlab.evaluate.run import resolve_encoders
-    from reprlab.models.encoders import encoder_from_spec
 
     device = distributed.setup(args.device)
     splits = evaluation_data(args)
@@ -284,12 +283,12 @@ def main(argv: list[str]) -> int:
         encoder, wall, details = train_reprlab(method, args)
         record(f"reprlab {method}", encoder, wall, details)
         pooling = encoder.spec.get("patch_pooling")
-        if pooling and json.dumps(pooling, sort_keys=True) not in pooled_baselines:
-            # the untrained network embedding images the same way: what pooling alone gives
-            pooled_baselines.add(json.dumps(pooling, sort_keys=True))
-            torch.manual_seed(args.seed)  # the weights of the `random` row (resolve_encoders seeds the same way)
-            record(f"random {args.encoder}, patch-pooled as {method}", encoder_from_spec(encoder.spec), None,
-                   {"patch_pooling": pooling})
+        key = json.dumps(pooling, sort_keys=True)
+        if pooling and key not in pooled_baselines:
+            # `random` beside this run: the untrained network embedding images the same way (pooling alone)
+            pooled_baselines.add(key)
+            untrained = resolve_encoders([details["run_dir"], "random"], arch, args.seed)[1].encoder
+            record(f"random {args.encoder}, patch-pooled as {method}", untrained, None, {"patch_pooling": pooling})
     if not args.no_lightly:
         trained = train_lightly(args)
         if trained is not None:

@@ -17,9 +17,9 @@ _LAZY = {
     "load_dataset": "reprlab.data.datasets",
     "METHODS": "reprlab.ssl",
     "POLICIES": "reprlab.finetune.policies",
-    "pretrain": "reprlab.ssl.pretrain",
-    "finetune": "reprlab.finetune.train",
-    "evaluate": "reprlab.evaluate.run",
+    "pretrain": "reprlab.stages.pretrain",
+    "finetune": "reprlab.stages.finetune",
+    "evaluate": "reprlab.stages.evaluate",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -12,14 +12,14 @@ STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": Ev
 
 def _run(stage: str, config):  # noqa: ANN001 - one of the stage configs
     if stage == "pretrain":
-        from reprlab.ssl.pretrain import pretrain
+        from reprlab.stages.pretrain import pretrain
 
         return pretrain(config)
     if stage == "finetune":
-        from reprlab.finetune.train import finetune
+        from reprlab.stages.finetune import finetune
 
         return finetune(config)
-    from reprlab.evaluate.run import evaluate
+    from reprlab.stages.evaluate import evaluate
 
     return evaluate(config)
 

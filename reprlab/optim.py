@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from reprlab.config import OptimConfig
+
 NamedParams = Iterable[tuple[str, nn.Parameter]]
 
 # onecycle starts at 1/25 of the peak, like torch.optim.lr_scheduler.OneCycleLR's default div_factor
@@ -392,3 +394,22 @@ def build_scheduler(
     factor = partial(schedule_factor, name, total_steps=total_steps, warmup_steps=warmup_steps,
                      min_lr_ratio=min_lr_ratio, step_size=step_size, gamma=gamma, pct_start=pct_start)
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def build_optimization(cfg: OptimConfig, model: nn.Module, batch_size: int, steps_per_epoch: int, epochs: int,
+                       groups: list[dict[str, Any]] | None = None) -> tuple[Optimizer, LambdaLR]:
+    """Optimizer and per-step scheduler from an ``optim:`` section (``groups``: a policy's parameter groups;
+    default: all parameters, BatchNorm and biases without weight decay when ``exclude_bn_bias``)."""
+    lr = scale_lr(cfg.lr, batch_size, cfg.lr_scaling)
+    if groups is None:
+        groups = param_groups(model, cfg.weight_decay, exclude_bn_bias=cfg.exclude_bn_bias)
+    optimizer = build_optimizer(cfg.name, groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                trust_coefficient=cfg.trust_coefficient)
+    step_size = round(cfg.step_epochs * steps_per_epoch) if cfg.step_epochs else None
+    total_steps = epochs * steps_per_epoch
+    # a run shorter than its warmup (a quick smoke test) warms up over the whole run instead of failing
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=total_steps, warmup_steps=warmup_steps,
+                                min_lr_ratio=cfg.min_lr_ratio, step_size=step_size, gamma=cfg.gamma)
+    return optimizer, scheduler

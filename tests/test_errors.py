@@ -197,7 +197,7 @@ def test_nan_without_run_dir_is_still_caught():
 
 
 def evaluate_pixels(tmp_path: Path, k: int) -> dict:
-    from reprlab.evaluate.run import evaluate
+    from reprlab.stages.evaluate import evaluate
 
     cfg = load_config(EvaluateConfig, None, [
         f"out_dir={tmp_path}", f"name=k{k}", "encoders=[pixels]", "data.limit=50", f"knn.k={k}",

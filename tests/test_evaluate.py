@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-import reprlab.evaluate.run as run_module
+import reprlab.stages.evaluate as run_module
 from reprlab.checkpoint import save_encoder
 from reprlab.config import DataConfig, EncoderConfig, EvaluateConfig, KNNConfig
 from reprlab.data.datasets import load_dataset
 from reprlab.evaluate.knn import knn_classify
 from reprlab.evaluate.retrieval import retrieval_metrics
-from reprlab.evaluate.run import Split, choose_knn_settings, chunked_retrieval, evaluate, evaluate_features
 from reprlab.models.encoders import create_encoder
+from reprlab.stages.evaluate import Split, choose_knn_settings, chunked_retrieval, evaluate, evaluate_features
 
 TINY_ARCH = EncoderConfig(name="timm:test_resnet")  # 0.4 M parameters, accepts 8x8 greyscale digits
 

@@ -16,11 +16,12 @@ from reprlab.config import FinetuneConfig, load_config
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
 from reprlab.engine import fit
-from reprlab.finetune import train as train_module
 from reprlab.finetune.classifier import Classifier
 from reprlab.finetune.policies import POLICIES, build_policy
-from reprlab.finetune.train import ClassificationTask, Validation, finetune, load_splits
+from reprlab.finetune.task import ClassificationTask
 from reprlab.models.encoders import create_encoder
+from reprlab.stages import finetune as train_module
+from reprlab.stages.finetune import Validation, finetune, load_splits
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "finetune"
 TINY = [

@@ -11,7 +11,7 @@ from reprlab.data.loader import Batches
 from reprlab.engine import fit
 from reprlab.finetune.classifier import Classifier
 from reprlab.finetune.policies import POLICIES, build_policy
-from reprlab.finetune.train import ClassificationTask
+from reprlab.finetune.task import ClassificationTask
 from reprlab.models.encoders import create_encoder
 from reprlab.optim import build_optimizer, build_scheduler, schedule_factor
 

@@ -19,7 +19,7 @@ from reprlab.evaluate.report import (
     read_metrics_log,
     write_report,
 )
-from reprlab.evaluate.run import evaluate
+from reprlab.stages.evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_evaluate import make_run_dir, tiny_config  # noqa: E402 - shared tiny fixtures

@@ -11,7 +11,7 @@ run). Each row trains from its recipe ``configs/finetune/<row>_cifar10.yaml`` (o
 policy parameters, augmentation) with the encoder, label fraction, epochs, seeds and data overridden here;
 the overrides are stored in the JSON line, so that config plus those overrides reproduces a README row.
 Policy schedules follow the epochs: ``gradual`` unfreezes one group every ``max(1, epochs // 10)`` epochs,
-``lp_ft`` probes for ``max(1, epochs // 3)`` epochs. Protocol (reprlab.finetune.train): the labeled subset
+``lp_ft`` probes for ``max(1, epochs // 3)`` epochs. Protocol (reprlab.stages.finetune): the labeled subset
 is stratified and seeded per seed; 2% of train (1,000 images) is the validation split; the epoch with the
 best validation top-1 is kept; the 10,000 test images are scored once, at the end. Prints a markdown table
 and appends one JSON line to ``--out``.
@@ -91,7 +91,7 @@ def run_cell(row: str, args: argparse.Namespace, fraction: float, epochs: int,
              arch: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one (row, fraction) over every seed: test/val top-1 per seed, mean and std of test top-1."""
     from reprlab.config import FinetuneConfig, load_config
-    from reprlab.finetune.train import finetune
+    from reprlab.stages.finetune import finetune
 
     overrides = row_overrides(row, args, fraction, epochs, arch)
     config_path = REPO_ROOT / "configs" / "finetune" / f"{row}_cifar10.yaml"
@@ -141,20 +141,20 @@ def budget(cells: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def _limit_test_split(test_limit: int | None) -> None:
-    """Smoke runs: score only the first ``test_limit`` test images (wraps the train module's load_dataset)."""
+    """Smoke runs: score only the first ``test_limit`` test images (wraps the stage's build_dataset)."""
     if test_limit is None:
         return
-    from reprlab.finetune import train as train_module
+    from reprlab.stages import finetune as train_module
 
-    load_dataset = train_module.load_dataset
+    build_dataset = train_module.build_dataset
 
     def limited(*args: Any, **kwargs: Any):
-        data = load_dataset(*args, **kwargs)
+        data = build_dataset(*args, **kwargs)
         if data.test is not None:
             data.test = data.test.subset(torch.arange(min(test_limit, len(data.test))))
         return data
 
-    train_module.load_dataset = limited
+    train_module.build_dataset = limited
 
 
 def main(argv: list[str]) -> int:

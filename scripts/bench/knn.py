@@ -232,7 +232,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_evaluate_cifar(args: argparse.Namespace) -> dict[str, Any]:
     """Wall time of reprlab's `evaluate` on CIFAR-10 (train bank, val for selection, test read once)."""
     from reprlab.config import DataConfig, EncoderConfig, EvaluateConfig
-    from reprlab.evaluate.run import evaluate
+    from reprlab.stages.evaluate import evaluate
 
     out_dir = Path(args.evaluate_out or tempfile.mkdtemp(prefix="reprlab-bench-eval-"))
     kwargs = {"cifar_stem": True} if args.cifar_stem else {}

@@ -15,7 +15,7 @@ augmentation strengths and temperature of ``simclr_cifar10.yaml``, the same enco
 inside, so lightly's transform does not normalize) and the same optimizer and schedule (reprlab's
 ``build_optimization``), so that only the SimCLR implementation differs.
 
-Evaluation (reprlab.evaluate.run.evaluate_features): features of the train split (the kNN bank and the
+Evaluation (reprlab.stages.evaluate.evaluate_features): features of the train split (the kNN bank and the
 probe's training set), the validation split (carved from train, for the probe's hyperparameters) and the test
 split; kNN top-1 at fixed k=200, T=0.1 (the CIFAR monitor protocol of InstDisc/MoCo/lightly) and k=20, T=0.07
 (DINO); linear-probe top-1 (reprlab's torch probe, lr and weight decay chosen on val). Wall time is
@@ -103,7 +103,7 @@ def method_config(method: str, args: argparse.Namespace):
 
 def train_reprlab(method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, float, dict[str, Any]]:
     from reprlab.checkpoint import load_encoder
-    from reprlab.ssl.pretrain import pretrain
+    from reprlab.stages.pretrain import pretrain
 
     cfg = method_config(method, args)
     run_dir = Path(cfg.out_dir) / cfg.name
@@ -154,7 +154,8 @@ def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dic
     from reprlab import distributed
     from reprlab.data.datasets import load_dataset
     from reprlab.models.encoders import create_encoder
-    from reprlab.ssl.pretrain import build_optimization, seed_everything
+    from reprlab.optim import build_optimization
+    from reprlab.stages.common import seed_everything
 
     cfg = method_config("simclr", args)
     params, batch_size = cfg.method.params, cfg.train.batch_size
@@ -224,7 +225,7 @@ def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: in
     from reprlab.config import EvaluateConfig, KNNConfig
     from reprlab.evaluate.features import extract_features
     from reprlab.evaluate.knn import knn_classify
-    from reprlab.evaluate.run import Split, evaluate_features
+    from reprlab.stages.evaluate import Split, evaluate_features
 
     feats = {name: Split(extract_features(encoder, split.images, 512, device), split.labels)
              for name, split in splits.items()}
@@ -258,7 +259,7 @@ def main(argv: list[str]) -> int:
     os.chdir(REPO_ROOT)  # data and config paths are relative to the repo root
     from reprlab import distributed
     from reprlab.config import EncoderConfig
-    from reprlab.evaluate.run import resolve_encoders
+    from reprlab.stages.evaluate import resolve_encoders
 
     device = distributed.setup(args.device)
     splits = evaluation_data(args)

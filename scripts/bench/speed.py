@@ -56,8 +56,8 @@ from reprlab.data.datasets import ImageSet, load_dataset
 from reprlab.data.loader import Batches
 from reprlab.engine import fit
 from reprlab.models.encoders import create_encoder
+from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
-from reprlab.ssl.pretrain import build_optimization
 
 DEFAULT_DATA = "npz:/work/shared/data/cifar10"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results.jsonl"
@@ -584,10 +584,10 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
 
 
 def run_quality_check(args: argparse.Namespace) -> dict[str, Any]:
-    """Two short pretraining runs through reprlab.ssl.pretrain (same seed, same data order and augmentation
+    """Two short pretraining runs through reprlab.stages.pretrain (same seed, same data order and augmentation
     draws): fp32 vs bf16 autocast + channels_last, then kNN top-1 (fp32 features) on the held-out 10%."""
     from reprlab.config import DataConfig, EncoderConfig, MonitorConfig, PretrainConfig, TrainConfig
-    from reprlab.ssl.pretrain import pretrain
+    from reprlab.stages.pretrain import pretrain
 
     if args.data == "random":
         raise SystemExit("--quality-check needs labeled images: pass --data npz:<dir> or a dataset name")

@@ -1,4 +1,4 @@
-"""Evaluation entry point: several encoders on one dataset -> kNN, retrieval, linear probes, label-free
+"""Evaluation stage: several encoders on one dataset -> kNN, retrieval, linear probes, label-free
 quality -> ``metrics.json``, one comparison table and a report with pictures.
 
 Every hyperparameter (kNN k and temperature, the probes' regularisation) is chosen on the validation split;
@@ -25,14 +25,15 @@ from reprlab import distributed
 from reprlab.checkpoint import CheckpointError, load_encoder, read_meta, write_json
 from reprlab.config import EncoderConfig, EvaluateConfig, KNNConfig, save_config, to_dict
 from reprlab.data.augment import SimCLRAugment
-from reprlab.data.datasets import ImageSet, load_dataset
+from reprlab.data.datasets import ImageSet
 from reprlab.evaluate.features import cache_key, cached_features, extract_features
 from reprlab.evaluate.knn import BACKENDS, INDEXES, knn_classify, knn_search, select_knn
 from reprlab.evaluate.linear_probe import sklearn_linear_probe, train_linear_probe
 from reprlab.evaluate.quality import alignment, quality_report
 from reprlab.evaluate.report import MAP_METHODS
 from reprlab.evaluate.retrieval import retrieval_metrics
-from reprlab.models.encoders import PixelEncoder, create_encoder, encoder_from_spec
+from reprlab.models.encoders import PixelEncoder, encoder_from_spec
+from reprlab.stages.common import build_dataset, build_encoder
 
 KEYWORDS = ("random", "pixels")
 # Queries per retrieval_metrics call: memory is chunk x (the largest class in the bank).
@@ -105,8 +106,7 @@ def resolve_encoders(refs: list[str], arch: EncoderConfig, seed: int = 0) -> lis
                 identity = f"random:{spec}:{seed}"
             else:  # arch may carry pretrained weights: then this is a "pretrained elsewhere" baseline
                 spec = {"name": arch.name, "kwargs": arch.kwargs}
-                encoder = create_encoder(arch.name, pretrained=arch.pretrained, weights=arch.weights,
-                                         **arch.kwargs)
+                encoder = build_encoder(arch)
                 identity = f"random:{spec}:{arch.pretrained}:{arch.weights}:{seed}"
             pretrained = not run_dirs and (arch.pretrained or arch.weights)
             label = f"{'pretrained' if pretrained else 'random'} {spec['name']}"
@@ -432,9 +432,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
-                        val_fraction=cfg.data.val_fraction, image_size=cfg.data.image_size,
-                        limit=cfg.data.limit, seed=cfg.seed)
+    data = build_dataset(cfg.data, cfg.seed)
     if data.train.labels is None:
         raise ValueError(f"evaluation needs labels; dataset {cfg.data.name!r} has none")
     splits = {"train": data.train, "val": _split(data.val), "test": _split(data.test)}

@@ -1,30 +1,22 @@
-"""Pretraining entry point: config -> data, encoder, method -> the training loop -> a run directory."""
+"""Pretraining stage: config -> data, encoder, method -> the training loop -> a run directory."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from reprlab import distributed
 from reprlab.checkpoint import save_encoder
 from reprlab.config import PretrainConfig, save_config, to_dict
-from reprlab.data.datasets import ImageSet, load_dataset
+from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
 from reprlab.engine import fit
 from reprlab.evaluate.features import extract_features
-from reprlab.models.encoders import create_encoder
-from reprlab.optim import build_optimizer, build_scheduler, param_groups, scale_lr
+from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from reprlab.stages.common import build_dataset, build_encoder, seed_everything
 
 
 class Monitor:
@@ -51,24 +43,6 @@ class Monitor:
         return metrics
 
 
-def build_optimization(cfg_optim, model: torch.nn.Module, batch_size: int, steps_per_epoch: int, epochs: int,
-                       groups: list[dict] | None = None):
-    """Optimizer and per-step scheduler from an OptimConfig (shared by pretraining and fine-tuning)."""
-    lr = scale_lr(cfg_optim.lr, batch_size, cfg_optim.lr_scaling)
-    if groups is None:
-        groups = param_groups(model, cfg_optim.weight_decay, exclude_bn_bias=cfg_optim.exclude_bn_bias)
-    optimizer = build_optimizer(cfg_optim.name, groups, lr=lr, momentum=cfg_optim.momentum,
-                                nesterov=cfg_optim.nesterov, weight_decay=cfg_optim.weight_decay,
-                                betas=tuple(cfg_optim.betas), trust_coefficient=cfg_optim.trust_coefficient)
-    step_size = round(cfg_optim.step_epochs * steps_per_epoch) if cfg_optim.step_epochs else None
-    total_steps = epochs * steps_per_epoch
-    # a run shorter than its warmup (a quick smoke test) warms up over the whole run instead of failing
-    warmup_steps = min(round(cfg_optim.warmup_epochs * steps_per_epoch), total_steps)
-    scheduler = build_scheduler(optimizer, cfg_optim.schedule, total_steps=total_steps, warmup_steps=warmup_steps,
-                                min_lr_ratio=cfg_optim.min_lr_ratio, step_size=step_size, gamma=cfg_optim.gamma)
-    return optimizer, scheduler
-
-
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run self-supervised pretraining; returns the run directory (``cfg.out_dir/cfg.name``)."""
     device = distributed.setup(cfg.train.device)
@@ -79,11 +53,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
-                        val_fraction=cfg.data.val_fraction, image_size=cfg.data.image_size, limit=cfg.data.limit,
-                        seed=cfg.train.seed)
-    encoder = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, weights=cfg.encoder.weights,
-                             **cfg.encoder.kwargs)
+    data = build_dataset(cfg.data, cfg.train.seed)
+    encoder = build_encoder(cfg.encoder)
     method = build_method(cfg.method.name, encoder, cfg.method.params)
     if cfg.train.channels_last:
         method.to(memory_format=torch.channels_last)

@@ -1,4 +1,4 @@
-"""Fine-tuning entry point: an encoder (pretrained run or random) + a head, trained under a freezing policy.
+"""Fine-tuning stage: an encoder (pretrained run or random) + a head, trained under a freezing policy.
 
 Small-label protocols: ``label_fraction`` (e.g. 0.01) or ``labels_per_class`` (k-shot) keep a stratified,
 seeded subset of the training labels; ``seeds: [0, 1, 2]`` repeats the run (its own subset, validation split
@@ -10,69 +10,25 @@ end, with the selected weights.
 from __future__ import annotations
 
 import copy
-import random
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from reprlab import distributed
 from reprlab.checkpoint import load_encoder, write_json
 from reprlab.config import FinetuneConfig, save_config, to_dict
-from reprlab.data.augment import FinetuneAugment, cutmix, mixup
-from reprlab.data.datasets import ImageSet, load_dataset, per_class_subset
+from reprlab.data.augment import FinetuneAugment
+from reprlab.data.datasets import ImageSet, per_class_subset
 from reprlab.data.loader import Batches
 from reprlab.engine import fit
 from reprlab.finetune.classifier import Classifier, save_classifier
-from reprlab.finetune.policies import Policy, build_policy
-from reprlab.models.encoders import create_encoder
-from reprlab.ssl.pretrain import build_optimization, seed_everything
-
-
-class ClassificationTask(nn.Module):
-    """Augment on the device, classify, cross-entropy (soft targets under mixup/cutmix, optional label
-    smoothing) plus an optional L1 penalty on trainable weight matrices and kernels (not biases or norms)."""
-
-    def __init__(self, classifier: Classifier, policy: Policy, num_classes: int,
-                 augment: FinetuneAugment | None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
-                 cutmix_alpha: float = 0.0, l1_penalty: float = 0.0) -> None:
-        super().__init__()
-        self.classifier, self.policy, self.num_classes = classifier, policy, num_classes
-        self.augment, self.label_smoothing, self.l1_penalty = augment, label_smoothing, l1_penalty
-        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
-
-    def train(self, mode: bool = True) -> ClassificationTask:
-        super().train(mode)
-        if mode:  # frozen means frozen: BatchNorm statistics (and dropout) of frozen layers stay fixed
-            for module in self.policy.frozen_modules():
-                module.eval()
-        return self
-
-    def mix(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """mixup or cutmix (an even coin when both are on) -> (images, soft targets (B, K) summing to one);
-        without either: (images, labels)."""
-        if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:
-            return images, labels
-        # python's RNG (seeded per run): a torch draw + .item() would sync the device every step
-        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or random.random() < 0.5)
-        if use_cutmix:
-            return cutmix(images, labels, self.cutmix_alpha, num_classes=self.num_classes)
-        return mixup(images, labels, self.mixup_alpha, num_classes=self.num_classes)
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        images, labels = batch["images"], batch["labels"]
-        images = self.augment(images) if self.augment is not None else images.float() / 255  # (B, C, H, W)
-        images, targets = self.mix(images, labels)
-        logits = self.classifier(images)  # (B, K)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        if self.l1_penalty > 0:
-            weights = [p for p in self.classifier.parameters() if p.requires_grad and p.ndim > 1]
-            loss = loss + self.l1_penalty * torch.stack([w.abs().sum() for w in weights]).sum()
-        acc = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "train_acc": acc}
+from reprlab.finetune.policies import build_policy
+from reprlab.finetune.task import ClassificationTask
+from reprlab.optim import build_optimization
+from reprlab.stages.common import build_dataset, build_encoder, seed_everything
 
 
 @torch.inference_mode()
@@ -120,19 +76,14 @@ class Validation:
         self.best_state, self.stop = state["best_state"], state["stop"]
 
 
-def build_encoder(cfg: FinetuneConfig) -> nn.Module:
+def source_encoder(cfg: FinetuneConfig) -> nn.Module:
     """The pretrained encoder of run ``cfg.encoder``, or an untrained ``cfg.arch`` when it is "random"."""
-    if cfg.encoder == "random":
-        return create_encoder(cfg.arch.name, pretrained=cfg.arch.pretrained, weights=cfg.arch.weights,
-                              **cfg.arch.kwargs)
-    return load_encoder(cfg.encoder)
+    return build_encoder(cfg.arch) if cfg.encoder == "random" else load_encoder(cfg.encoder)
 
 
 def load_splits(cfg: FinetuneConfig, seed: int) -> tuple[ImageSet, ImageSet, ImageSet | None]:
     """(labeled train subset, validation, test) for one seed: the small-label subset is stratified, seeded."""
-    data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
-                        val_fraction=cfg.data.val_fraction, image_size=cfg.data.image_size,
-                        limit=cfg.data.limit, seed=seed)
+    data = build_dataset(cfg.data, seed)
     if not data.labeled or data.val is None:
         missing = "no labels" if not data.labeled else "no validation split (set data.val_fraction > 0)"
         raise ValueError(f"fine-tuning needs a labeled dataset with a validation split; "
@@ -152,7 +103,7 @@ def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     train, val, test = load_splits(cfg, seed)
     num_classes = train.num_classes or int(train.labels.max()) + 1
-    classifier = Classifier(build_encoder(cfg), num_classes, dropout=cfg.head.dropout, init=cfg.head.init)
+    classifier = Classifier(source_encoder(cfg), num_classes, dropout=cfg.head.dropout, init=cfg.head.init)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     groups = policy.attach(classifier, cfg.optim.weight_decay, cfg.optim.exclude_bn_bias)
     aug = cfg.augment

@@ -15,7 +15,7 @@ from reprlab.ssl.autoencoder import (
     random_erase,
     random_patch_mask,
 )
-from reprlab.ssl.losses import patchify
+from reprlab.ssl.reconstruction import patchify
 
 
 @pytest.mark.parametrize("size", [1, 8, (8, 12), 28, 32, 96])

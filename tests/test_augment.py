@@ -1,5 +1,5 @@
-"""Tests for reprlab.data.augment: exactness against torchvision where the maths coincide, and the
-batched-randomness contract (per-sample parameters, seeded repeatability) everywhere else."""
+"""Tests for reprlab.data.augment, .views and .mixing: exactness against torchvision where the maths
+coincide, and the batched-randomness contract (per-sample parameters, seeded repeatability) everywhere else."""
 
 import math
 
@@ -9,6 +9,8 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import RandomResizedCrop
 
 from reprlab.data import augment as A
+from reprlab.data import mixing as M
+from reprlab.data import views as V
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -34,10 +36,11 @@ RANDOM_OPS = {
     "blur": lambda x, g: A.gaussian_blur(x, p=1.0, kernel_size=5, generator=g),
     "rotation": lambda x, g: A.random_rotation(x, 30.0, generator=g),
     "cutout": lambda x, g: A.cutout(x, 0.4, generator=g),
-    "simclr": lambda x, g: A.SimCLRAugment(size=12, blur_p=0.5)(x, generator=g),
-    "finetune": lambda x, g: A.FinetuneAugment(rotation_degrees=10, jitter_strength=1, cutout_p=0.5)(x, g),
+    "solarize": lambda x, g: A.random_solarize(x, p=0.5, generator=g),
+    "views": lambda x, g: V.ViewAugment(size=12, blur_p=0.5, solarize_p=0.2)(x, generator=g),
+    "finetune": lambda x, g: V.FinetuneAugment(rotation_degrees=10, jitter_strength=1, cutout_p=0.5)(x, g),
 }
-EXPECTED_HW = {"crop": (10, 10), "crop_rect": (8, 12), "simclr": (12, 12)}
+EXPECTED_HW = {"crop": (10, 10), "crop_rect": (8, 12), "views": (12, 12)}
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -60,7 +63,7 @@ def test_seeded_runs_repeat_and_seeds_differ(name):
     assert not torch.equal(first, RANDOM_OPS[name](images, _gen(4)))
 
 
-@pytest.mark.parametrize("name", ["crop", "jitter", "blur", "rotation", "cutout", "simclr", "finetune"])
+@pytest.mark.parametrize("name", ["crop", "jitter", "blur", "rotation", "cutout", "views", "finetune"])
 def test_parameters_vary_across_the_batch(name):
     same = _images(batch=1).expand(8, -1, -1, -1)  # eight copies of one image
     out = RANDOM_OPS[name](same, _gen(0))
@@ -262,6 +265,19 @@ def test_grayscale_matches_torchvision():
     assert torch.equal(A.random_grayscale(single, p=1.0), single)
 
 
+def test_solarize_matches_torchvision_and_inverts_only_bright_pixels():
+    x = torch.rand(6, 3, 8, 8, generator=_gen(0))
+    torch.testing.assert_close(A.random_solarize(x, p=1.0), TF.solarize(x, 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(A.random_solarize(x, p=1.0, threshold=0.8), TF.solarize(x, 0.8), rtol=0, atol=0)
+    assert torch.equal(A.random_solarize(x, p=0.0), x)
+    half = A.random_solarize(x, p=0.5, generator=_gen(1))
+    changed = (half != x).flatten(1).any(dim=1)  # (B,): whole images are solarized or left alone
+    assert 0 < changed.sum() < 6
+    assert torch.equal(half[changed], TF.solarize(x[changed], 0.5)) and torch.equal(half[~changed], x[~changed])
+    grey = torch.rand(2, 1, 4, 4, generator=_gen(2))
+    assert torch.equal(A.random_solarize(grey, p=1.0), TF.solarize(grey, 0.5))  # one channel works too
+
+
 # ---------------------------------------------------------------------------------------------- blur
 
 
@@ -294,7 +310,7 @@ def test_default_kernel_size_is_odd_tenth_of_the_image():
 
 @pytest.mark.parametrize("alpha", [0.2, 1.0, 3.0])
 def test_beta_sampler_moments(alpha):
-    samples = A._sample_beta(alpha, (20000,), torch.zeros(1), _gen(0))
+    samples = M._sample_beta(alpha, (20000,), torch.zeros(1), _gen(0))
     assert ((samples >= 0) & (samples <= 1)).all()
     assert abs(samples.mean() - 0.5) < 0.01
     assert abs(samples.var() - 1 / (4 * (2 * alpha + 1))) < 0.005
@@ -309,7 +325,7 @@ def _labelled_constant_images(batch=8):
 @pytest.mark.parametrize("seed", range(4))
 def test_mixup_targets_match_the_mixed_pixels(seed):
     x, labels = _labelled_constant_images()
-    mixed, soft = A.mixup(x, labels, alpha=1.0, num_classes=10, generator=_gen(seed))
+    mixed, soft = M.mixup(x, labels, alpha=1.0, num_classes=10, generator=_gen(seed))
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
     lam = soft[labels, labels]  # weight on each image's own label
     for i in range(8):
@@ -327,7 +343,7 @@ def test_mixup_targets_match_the_mixed_pixels(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_cutmix_targets_match_the_pasted_area(seed):
     x, labels = _labelled_constant_images()
-    mixed, soft = A.cutmix(x, labels, alpha=1.0, num_classes=8, generator=_gen(seed))
+    mixed, soft = M.cutmix(x, labels, alpha=1.0, num_classes=8, generator=_gen(seed))
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
     for i in range(8):
         kept = (mixed[i] == x[i, 0, 0, 0]).float().mean()
@@ -340,8 +356,8 @@ def test_cutmix_targets_match_the_pasted_area(seed):
 def test_mixing_accepts_soft_targets():
     x, labels = _labelled_constant_images()
     soft = torch.nn.functional.one_hot(labels, 8).float()
-    _, from_labels = A.mixup(x, labels, 0.4, 8, generator=_gen(0))
-    _, from_soft = A.mixup(x, soft, 0.4, 8, generator=_gen(0))
+    _, from_labels = M.mixup(x, labels, 0.4, 8, generator=_gen(0))
+    _, from_soft = M.mixup(x, soft, 0.4, 8, generator=_gen(0))
     assert torch.equal(from_labels, from_soft)
 
 
@@ -350,7 +366,7 @@ def test_mixing_accepts_soft_targets():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_simclr_views_are_independent_and_one_channel_works(channels):
-    augment = A.SimCLRAugment(size=12, blur_p=0.5)
+    augment = V.ViewAugment(size=12, blur_p=0.5)
     images = _images(channels=channels)
     views = augment.views(images, n=3, generator=_gen(0))
     assert len(views) == 3 and all(v.shape == (6, channels, 12, 12) for v in views)
@@ -359,22 +375,46 @@ def test_simclr_views_are_independent_and_one_channel_works(channels):
     assert all(torch.equal(a, b) for a, b in zip(views, again))
 
 
+def test_view_solarize_comes_last_and_draws_nothing_when_off():
+    images = _images()
+    plain = V.ViewAugment(size=12, blur_p=0.5)(images, _gen(0))
+    # solarize_p=0 draws nothing, so adding the op left every other pipeline's random stream as it was; at
+    # p=1 it solarizes the very same view
+    assert torch.equal(V.ViewAugment(size=12, blur_p=0.5, solarize_p=0.0)(images, _gen(0)), plain)
+    solarized = V.ViewAugment(size=12, blur_p=0.5, solarize_p=1.0)(images, _gen(0))
+    assert torch.equal(solarized, TF.solarize(plain, 0.5))
+
+
+def test_view_size_none_keeps_the_input_size():
+    images = _images(height=16, width=20)
+    assert V.ViewAugment()(images, _gen(0)).shape == (6, 3, 16, 20)
+    assert V.ViewAugment(size=8)(images, _gen(0)).shape == (6, 3, 8, 8)
+
+
+def test_pipelines_are_frozen_values():
+    augment = V.ViewAugment(crop_scale=(0.2, 1.0))
+    with pytest.raises(AttributeError):
+        augment.flip_p = 0.0  # type: ignore[misc]
+    same = V.ViewAugment(crop_scale=(0.2, 1.0))
+    assert augment == same and hash(augment) == hash(same)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_finetune_sizes_and_options(channels):
     images = _images(channels=channels, height=16, width=20)
-    assert A.FinetuneAugment()(images, _gen(0)).shape == (6, channels, 16, 20)
-    assert A.FinetuneAugment(size=12)(images, _gen(0)).shape == (6, channels, 12, 12)
-    resized = A.FinetuneAugment(size=(8, 10), crop_scale=None, flip_p=0.0)(images)
+    assert V.FinetuneAugment()(images, _gen(0)).shape == (6, channels, 16, 20)
+    assert V.FinetuneAugment(size=12)(images, _gen(0)).shape == (6, channels, 12, 12)
+    resized = V.FinetuneAugment(size=(8, 10), crop_scale=None, flip_p=0.0)(images)
     torch.testing.assert_close(resized, TF.resize(A.to_float(images), [8, 10], antialias=False),
                                rtol=0, atol=1e-5)
-    no_op = A.FinetuneAugment(crop_scale=None, flip_p=0.0)(images)
+    no_op = V.FinetuneAugment(crop_scale=None, flip_p=0.0)(images)
     assert torch.equal(no_op, A.to_float(images))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_with_a_cpu_generator():
     images = _images()
-    augment = A.SimCLRAugment(size=12, blur_p=0.5)
+    augment = V.ViewAugment(size=12, blur_p=0.5)
     on_gpu = augment(images.cuda(), generator=_gen(0))
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), augment(images, generator=_gen(0)), rtol=0, atol=1e-4)

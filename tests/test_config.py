@@ -49,6 +49,41 @@ def test_round_trip(tmp_path):
     assert again.augment.crop_scale is None
 
 
+def test_augmentation_sections_are_the_pipelines_themselves(tmp_path):
+    from reprlab.data.views import FinetuneAugment, ViewAugment
+
+    cfg = load_config(FinetuneConfig, None, ["augment.mixup_alpha=0.2", "augment.crop_scale=[0.5, 1.0]"])
+    assert cfg.augment == FinetuneAugment(crop_scale=(0.5, 1.0), mixup_alpha=0.2)  # tuple, as declared
+    with pytest.raises(ConfigError, match=r"'augment.mixup'; valid keys here: .*'mixup_alpha'"):
+        load_config(FinetuneConfig, None, ["augment.mixup=0.2"])
+
+    views = load_config(EvaluateConfig).alignment_views
+    assert views == ViewAugment(crop_scale=(0.2, 1.0), flip_p=0.5, jitter_strength=0.5, jitter_p=0.8,
+                                grayscale_p=0.2, blur_p=0.0)
+    cfg = load_config(EvaluateConfig, None, ["alignment_views.flip_p=0", "alignment_views.blur_p=5e-1"])
+    assert cfg.alignment_views.flip_p == 0 and cfg.alignment_views.blur_p == 0.5
+    assert cfg.alignment_views.crop_scale == (0.2, 1.0)  # keys left out keep the stage's defaults, not ViewAugment's
+    save_config(cfg, tmp_path / "eval.yaml")
+    assert load_config(EvaluateConfig, tmp_path / "eval.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"'alignment_views.solarise_p'; valid keys here: .*'solarize_p'"):
+        load_config(EvaluateConfig, None, ["alignment_views.solarise_p=0.2"])
+    with pytest.raises(ConfigError, match="'alignment_views' must be a mapping"):
+        load_config(EvaluateConfig, None, ["alignment_views=null"])
+
+
+def test_a_partly_given_section_keeps_the_stages_own_defaults():
+    cfg = load_config(FinetuneConfig, None, ["optim.weight_decay=0", "train.epochs=3"])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 1e-3, 0)  # not OptimConfig()'s sgd
+    assert cfg.train.batch_size == 128
+
+
+def test_fixed_length_tuples_check_their_length():
+    with pytest.raises(ConfigError, match="'augment.crop_scale' must be"):
+        load_config(FinetuneConfig, None, ["augment.crop_scale=[0.5]"])
+    with pytest.raises(ConfigError, match="'optim.betas' must be"):
+        load_config(PretrainConfig, None, ["optim.betas=[0.9, 0.99, 0.999]"])
+
+
 def test_evaluate_list_override():
     cfg = load_config(EvaluateConfig, None, ["encoders=[runs/a, random, pixels]"])
     assert list(cfg.encoders) == ["runs/a", "random", "pixels"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 
-from reprlab.config import PretrainConfig, load_config
+import reprlab.config
+from reprlab.config import ConfigError, PretrainConfig, load_config
+from reprlab.data.views import FinetuneAugment, ViewAugment
 from reprlab.models.encoders import PatchPooling, create_encoder
 from reprlab.ssl import METHODS, build_method
 
@@ -117,6 +121,64 @@ def test_registry_errors_list_the_valid_choices():
     with pytest.raises(ValueError, match="has no parameter 'temprature'"):
         build_method("simclr", encoder, {"temprature": 0.5})
     assert set(METHODS) >= {"simclr", "autoencoder", "rotation", "jigsaw", "relative_position"}
+
+
+def test_build_method_builds_a_nested_augment_mapping():
+    params = {**TINY_PARAMS["simclr"], "augment": {"crop_scale": [0.2, 1.0], "jitter_strength": "5e-1"}}
+    method = build_method("simclr", _tiny_encoder(), params)
+    # a list becomes the tuple the field declares, YAML 1.1's "5e-1" string a float
+    assert method.augment == ViewAugment(crop_scale=(0.2, 1.0), jitter_strength=0.5)
+    ready = ViewAugment(flip_p=0.0)
+    assert build_method("simclr", _tiny_encoder(), {"augment": ready}).augment is ready  # a value passes as is
+    assert build_method("simclr", _tiny_encoder()).augment == ViewAugment()
+    rotation = build_method("rotation", _tiny_encoder(), {"augment": {"crop_scale": [0.6, 1.0], "size": 12}})
+    assert rotation.augment == FinetuneAugment(size=12, crop_scale=(0.6, 1.0))
+    assert build_method("rotation", _tiny_encoder()).augment == FinetuneAugment(crop_scale=None)  # flips only
+    assert build_method("rotation", _tiny_encoder(), {"augment": None}).augment is None
+    autoencoder = build_method("autoencoder", _tiny_encoder(), {**TINY_PARAMS["autoencoder"],
+                                                                 "augment": {"flip_p": 0.5}})
+    assert autoencoder.augment == FinetuneAugment(flip_p=0.5)
+
+
+def test_nested_augment_errors_name_the_dotted_key_and_the_valid_ones():
+    encoder = _tiny_encoder()
+    with pytest.raises(ConfigError, match=r"'method.params.augment.crop_scal'; valid keys here: \['blur_p', "
+                                          r"'crop_scale', 'flip_p'"):
+        build_method("simclr", encoder, {"augment": {"crop_scal": [0.2, 1.0]}})
+    with pytest.raises(ConfigError, match="'method.params.augment.flip_p' must be float"):
+        build_method("simclr", encoder, {"augment": {"flip_p": "often"}})
+    with pytest.raises(ConfigError, match="'method.params.augment.crop_scale' must be"):
+        build_method("rotation", encoder, {"augment": {"crop_scale": [0.5]}})  # a pair, not one number
+
+
+@pytest.mark.parametrize("name, num_views", [("simclr", 2), ("rotation", 1)])
+def test_forward_is_augment_then_forward_views(name, num_views):
+    method = build_method(name, _tiny_encoder(), {**TINY_PARAMS.get(name, {}),
+                                                  "augment": {"crop_scale": [0.5, 1.0]}}).train()
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    out = method({"images": images})
+    torch.manual_seed(3)  # the same RNG state: forward_views sees the very views forward made
+    views = method.augment.views(images, n=num_views) if num_views > 1 else [method.augment(images)]
+    again = method.forward_views(views)
+    assert out.keys() == again.keys() and all(torch.equal(out[k], again[k]) for k in out)
+    with pytest.raises(ValueError, match=rf"view.*got {3 * num_views}"):
+        method.forward_views(views * 3)
+
+
+def test_augmentation_parameters_are_declared_once():
+    """A pipeline's fields live in its dataclass only: methods take the pipeline whole, and no other config
+    section re-declares them (SimCLR once had crop_scale, flip_p, ... as keyword arguments)."""
+    view_fields = {f.name for f in dataclasses.fields(ViewAugment)}
+    pipeline_fields = view_fields | {f.name for f in dataclasses.fields(FinetuneAugment)}
+    for name in ("simclr", "rotation", "autoencoder"):
+        params = set(inspect.signature(METHODS[name]).parameters)
+        assert "augment" in params and not params & pipeline_fields, name
+    sections = [cls for cls in vars(reprlab.config).values()
+                if dataclasses.is_dataclass(cls) and cls.__module__ == "reprlab.config"]
+    assert len(sections) > 5
+    for cls in sections:
+        assert not {f.name for f in dataclasses.fields(cls)} & (view_fields - {"size"}), cls.__name__
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -6,7 +6,8 @@ and returns float32 in [0, 1] on the same device. Per-sample parameters are draw
 generator on another device than the images works (parameters are drawn there and copied over, so a
 CPU generator reproduces CPU results on CUDA), at the cost of a small host-device copy per op. There
 is no per-sample Python loop and no PIL: a SimCLR view of 256 CIFAR images costs a few milliseconds on
-two CPU cores.
+two CPU cores. The typed pipelines built from these ops live in reprlab.data.views; mixup and CutMix,
+which mix images and labels, in reprlab.data.mixing.
 
 Where these differ from the torchvision transforms they mirror:
 - crops, resizes and rotations are one bilinear `grid_sample` without antialiasing (torchvision v2
@@ -23,7 +24,6 @@ Where these differ from the torchvision transforms they mirror:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +327,18 @@ def random_grayscale(x: Tensor, p: float = 0.2, generator: torch.Generator | Non
     return torch.where(apply[:, None, None, None], _luma(x).expand_as(x), x)
 
 
+def random_solarize(x: Tensor, p: float, threshold: float = 0.5,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Solarize with probability p (BYOL, Grill et al., 2020): pixels >= threshold become 1 - pixel.
+
+    Matches torchvision's RandomSolarize on [0, 1] floats; works on any number of channels.
+    """
+    x = _as_batch(x)
+    apply = _coin(x.shape[0], p, x, generator)
+    solarized = torch.where(x >= threshold, 1.0 - x, x)
+    return torch.where(apply[:, None, None, None], solarized, x)
+
+
 # ---------------------------------------------------------------------------------------------- blur
 
 
@@ -379,173 +391,3 @@ def gaussian_blur(x: Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 
     impulse = torch.zeros(kernel_size, device=x.device)  # (K,)
     impulse[kernel_size // 2] = 1.0
     return _blur(x, torch.where(apply[:, None], kernels, impulse))
-
-
-# -------------------------------------------------------------------------------------------- mixing
-
-
-def _log_gamma_sample(concentration: float, shape: tuple[int, ...], like: Tensor,
-                      generator: torch.Generator | None, tries: int = 16) -> Tensor:
-    """log of Gamma(concentration, 1) samples (Marsaglia & Tsang, 2000), `tries` proposals at once.
-
-    torch.distributions takes no generator; this keeps seeded runs repeatable. A proposal is accepted
-    with probability > 0.95, so all 16 failing (the first is then used) has probability < 1e-20.
-    """
-    boosted = concentration < 1  # Gamma(a) = Gamma(a + 1) * U^(1/a)
-    a = concentration + 1 if boosted else concentration
-    d = a - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    device = _draw_device(like, generator)
-    normal = torch.randn((*shape, tries), generator=generator, device=device)
-    uniform = torch.rand((*shape, tries), generator=generator, device=device)
-    v = (1 + c * normal) ** 3
-    log_v = torch.log(v.clamp_min(1e-30))
-    accept = (v > 0) & (torch.log(uniform) < 0.5 * normal**2 + d - d * v + d * log_v)
-    first = accept.int().argmax(dim=-1, keepdim=True)
-    log_sample = (math.log(d) + log_v).gather(-1, first).squeeze(-1)
-    if boosted:  # log space: U^(1/a) underflows float32 for small a
-        u = 1 - torch.rand(shape, generator=generator, device=device)  # in (0, 1]
-        log_sample = log_sample + torch.log(u) / concentration
-    return log_sample.to(like.device)
-
-
-def _sample_beta(alpha: float, shape: tuple[int, ...], like: Tensor,
-                 generator: torch.Generator | None) -> Tensor:
-    """Beta(alpha, alpha) = G1 / (G1 + G2) = sigmoid(log G1 - log G2)."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    log_g1 = _log_gamma_sample(alpha, shape, like, generator)
-    log_g2 = _log_gamma_sample(alpha, shape, like, generator)
-    return torch.sigmoid(log_g1 - log_g2)
-
-
-def _soft_targets(targets: Tensor, num_classes: int) -> Tensor:
-    """Integer labels (B,) -> one-hot (B, num_classes); soft targets (B, num_classes) pass through."""
-    if targets.ndim not in (1, 2):
-        raise ValueError(f"targets must be labels (B,) or soft targets (B, num_classes), "
-                         f"got shape {tuple(targets.shape)}")
-    if targets.ndim == 2:
-        if targets.shape[1] != num_classes:
-            raise ValueError(f"soft targets have {targets.shape[1]} classes but num_classes={num_classes}")
-        return targets.float()
-    # scatter rather than F.one_hot, which checks the label range with a host sync on CUDA
-    one_hot = torch.zeros(targets.shape[0], num_classes, device=targets.device)
-    return one_hot.scatter_(1, targets.long()[:, None], 1.0)
-
-
-def mixup(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
-          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """mixup (Zhang et al., 2018): one lam ~ Beta(alpha, alpha) per batch, blended with a permutation.
-
-    Returns (lam x + (1 - lam) x[perm], lam onehot(y) + (1 - lam) onehot(y[perm])); the soft targets
-    (B, num_classes) sum to one per row. targets may be labels (B,) or soft targets (B, num_classes).
-    """
-    x = _as_batch(x)
-    soft = _soft_targets(targets.to(x.device), num_classes)  # (B, K)
-    lam = _sample_beta(alpha, (), x, generator)  # 0-d tensor: no host sync
-    perm = _randperm(x.shape[0], x, generator)
-    return torch.lerp(x[perm], x, lam), torch.lerp(soft[perm], soft, lam)
-
-
-def cutmix(x: Tensor, targets: Tensor, alpha: float, num_classes: int,
-           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """CutMix (Yun et al., 2019): paste one box from a permuted batch into every image.
-
-    The box has area ~ (1 - lam) with lam ~ Beta(alpha, alpha), a uniform centre, and is clipped at the
-    border; lam is then corrected to the share of pixels actually kept, so targets match the pixels.
-    """
-    x = _as_batch(x)
-    soft = _soft_targets(targets.to(x.device), num_classes)  # (B, K)
-    height, width = x.shape[-2:]
-    lam = _sample_beta(alpha, (), x, generator)
-    perm = _randperm(x.shape[0], x, generator)
-    cut_ratio = torch.sqrt(1 - lam)
-    half_h, half_w = torch.floor(height * cut_ratio) // 2, torch.floor(width * cut_ratio) // 2
-    centre_y = torch.floor(_uniform((), x, generator) * height)
-    centre_x = torch.floor(_uniform((), x, generator) * width)
-    top, bottom = (centre_y - half_h).clamp(0, height), (centre_y + half_h).clamp(0, height)
-    left, right = (centre_x - half_w).clamp(0, width), (centre_x + half_w).clamp(0, width)
-    rows = torch.arange(height, device=x.device)[:, None]  # (H, 1)
-    cols = torch.arange(width, device=x.device)[None, :]  # (1, W)
-    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)  # (H, W)
-    mixed = torch.where(box, x[perm], x)
-    lam = 1 - (bottom - top) * (right - left) / (height * width)  # share of pixels still from x
-    return mixed, torch.lerp(soft[perm], soft, lam)
-
-
-# ----------------------------------------------------------------------------------------- pipelines
-
-
-@dataclass
-class SimCLRAugment:
-    """One SimCLR view per call (Chen et al., 2020): crop + flip, colour jitter, grayscale, blur.
-
-    Jitter strength s sets brightness = contrast = saturation = 0.8 s and hue = 0.2 s. SimCLR blurs
-    with p = 0.5 on ImageNet and not at all on 32 px CIFAR (blur_p = 0, the default here).
-    """
-
-    size: int
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.5
-    jitter_strength: float = 1.0
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = _as_batch(images)
-        flip = _coin(x.shape[0], self.flip_p, x, generator)
-        boxes = _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator)
-        x = _resized_crop(x, boxes, _pair(self.size), flip)  # (B, C, size, size)
-        strength = self.jitter_strength
-        x = color_jitter(x, 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength,
-                         p=self.jitter_p, generator=generator)
-        x = random_grayscale(x, self.grayscale_p, generator)
-        if self.blur_p > 0:
-            x = gaussian_blur(x, p=self.blur_p, generator=generator)
-        return x
-
-    def views(self, images: Tensor, n: int = 2, generator: torch.Generator | None = None) -> list[Tensor]:
-        """n independent views of the same batch (uint8 -> float conversion done once)."""
-        x = _as_batch(images)
-        return [self(x, generator) for _ in range(n)]
-
-
-@dataclass
-class FinetuneAugment:
-    """Supervised augmentation: random resized crop (or resize) + flip, rotation, jitter, cutout.
-
-    size=None keeps the input size; crop_scale=None disables cropping (images are only resized).
-    Jitter strength s is torchvision's usual ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s), applied to every
-    image; cutout erases a box of half the image side with probability cutout_p.
-    """
-
-    size: int | None = None
-    crop_scale: tuple[float, float] | None = (0.35, 1.0)
-    flip_p: float = 0.5
-    rotation_degrees: float = 0.0
-    jitter_strength: float = 0.0
-    cutout_p: float = 0.0
-
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = _as_batch(images)
-        batch, _, height, width = x.shape
-        size = (height, width) if self.size is None else _pair(self.size)
-        flip = _coin(batch, self.flip_p, x, generator)
-        if self.crop_scale is not None:
-            boxes = _crop_boxes(x, self.crop_scale, (3 / 4, 4 / 3), generator)
-            x = _resized_crop(x, boxes, size, flip)
-        elif size != (height, width):
-            whole = torch.tensor([0.0, 0.0, height, width], device=x.device).expand(batch, 4)
-            x = _resized_crop(x, whole, size, flip)
-        else:
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if self.rotation_degrees > 0:
-            x = random_rotation(x, self.rotation_degrees, generator)
-        if self.jitter_strength > 0:
-            strength = self.jitter_strength
-            x = color_jitter(x, 0.4 * strength, 0.4 * strength, 0.4 * strength, 0.1 * strength,
-                             p=1.0, generator=generator)
-        if self.cutout_p > 0:
-            x = cutout(x, 0.5, p=self.cutout_p, generator=generator)
-        return x

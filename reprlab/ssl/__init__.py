@@ -6,10 +6,12 @@ Adding a method: one file in this folder and one line in ``METHODS``.
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 from torch import nn
 
+from reprlab.config import ConfigError, build_dataclass, dataclass_in
 from reprlab.ssl.autoencoder import AutoEncoder
 from reprlab.ssl.jigsaw import Jigsaw
 from reprlab.ssl.relative_position import RelativePosition
@@ -26,12 +28,25 @@ METHODS: dict[str, type[nn.Module]] = {
 
 
 def build_method(name: str, encoder: nn.Module, params: dict[str, Any] | None = None) -> nn.Module:
-    """Instantiate ``METHODS[name](encoder, **params)``, naming any unknown parameter and the valid ones."""
+    """Instantiate ``METHODS[name](encoder, **params)``, naming any unknown parameter and the valid ones.
+
+    A mapping given for a parameter annotated with a dataclass (``augment: ViewAugment``) is built into that
+    dataclass with the config loader's checks, so ``{augment: {crop_scal: ...}}`` fails naming
+    ``method.params.augment.crop_scal`` and the valid keys."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     cls = METHODS[name]
-    valid = [p for p in inspect.signature(cls).parameters if p != "encoder"]
-    unknown = sorted(set(params or {}) - set(valid))
+    signature = inspect.signature(cls).parameters
+    valid = [p for p in signature if p != "encoder"]
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise ValueError(f"method {name!r} has no parameter {unknown[0]!r}; valid parameters: {valid}")
-    return cls(encoder, **(params or {}))
+        raise ConfigError(f"method {name!r} has no parameter {unknown[0]!r}; valid parameters: {valid}")
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in params.items():
+        section = dataclass_in(hints.get(key))
+        if section is not None and isinstance(value, dict):
+            default = signature[key].default  # keys left out keep the method's own default pipeline
+            params[key] = build_dataclass(section, value, f"method.params.{key}", f"method {name!r}",
+                                          default if isinstance(default, section) else None)
+    return cls(encoder, **params)

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from reprlab.data.augment import FinetuneAugment, to_float
+from reprlab.contracts import Task
+from reprlab.data.augment import to_float
+from reprlab.data.views import FinetuneAugment
 from reprlab.models.decoders import ConvDecoder
 from reprlab.models.encoders import Encoder
-from reprlab.ssl.losses import (
+from reprlab.ssl.reconstruction import (
     RECONSTRUCTION_LOSSES,
     normalize_patches,
     patchify,
@@ -109,7 +111,7 @@ class MAEDecoder(nn.Module):
         return self.head(self.norm(self.blocks(tokens + self.pos_embed)))  # (B, L, P)
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(Task):
     """Reconstruct images from the encoder's features; see the module docstring for the modes.
 
     ``image_size`` and ``channels`` size the decoder (they must match the data: 8 and 1 for digits).
@@ -117,7 +119,8 @@ class AutoEncoder(nn.Module):
     ``loss``: mse | l1. ``normalize_target``: regress per-patch normalized pixels (MAE's norm_pix_loss).
     ``noise`` (denoising): gaussian (std ``noise_std`` on [0, 1] pixels, clamped) | erase (``erase_scale``).
     ``mask_ratio``, ``mask_fill`` (masked): share of hidden patches, and what the encoder sees there.
-    ``crop_scale`` / ``flip_p``: optional light augmentation of the input (the target follows it).
+    ``augment``: optional light augmentation of the input, the target follows it (None: off; in YAML a
+    mapping of FinetuneAugment's fields, e.g. ``{crop_scale: [0.5, 1.0], flip_p: 0.5}``).
     """
 
     def __init__(self, encoder: Encoder, mode: str = "plain", image_size: int = 32, channels: int = 3,
@@ -126,7 +129,7 @@ class AutoEncoder(nn.Module):
                  erase_scale: tuple[float, float] = (0.02, 0.25), mask_ratio: float = 0.5,
                  mask_fill: str = "zero", visible_only: bool = False, decoder_channels: int = 256,
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4,
-                 crop_scale: tuple[float, float] | None = None, flip_p: float = 0.0) -> None:
+                 augment: FinetuneAugment | None = None) -> None:
         super().__init__()
         for name, value, valid in (("mode", mode, MODES), ("loss", loss, RECONSTRUCTION_LOSSES),
                                    ("noise", noise, NOISES), ("mask_fill", mask_fill, MASK_FILLS)):
@@ -139,8 +142,7 @@ class AutoEncoder(nn.Module):
         self.image_size, self.channels = image_size, channels
         self.noise, self.noise_std, self.erase_scale = noise, noise_std, tuple(erase_scale)
         self.mask_ratio, self.mask_fill, self.visible_only = mask_ratio, mask_fill, visible_only
-        self.augment = (FinetuneAugment(crop_scale=tuple(crop_scale) if crop_scale else None, flip_p=flip_p)
-                        if crop_scale or flip_p else None)
+        self.augment = augment
         if visible_only:
             vit = self._vision_transformer()
             vit_patch = vit.patch_embed.patch_size[0]

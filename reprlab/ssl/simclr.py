@@ -10,51 +10,55 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from reprlab.data.augment import SimCLRAugment
+from reprlab.contracts import Task
+from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
 from reprlab.ssl.losses import nt_xent_accuracy, nt_xent_logits
 
 
-class SimCLR(nn.Module):
+class SimCLR(Task):
     """Contrastive pretraining. ``temperature``: 0.5 suits CIFAR-scale batches (official CIFAR recipe), 0.1
-    large ImageNet batches (paper Table 5). Views are made on the device from the uint8 batch.
+    large ImageNet batches (paper Table 5).
 
-    Projection head: ``num_layers`` Linear layers (2 = SimCLR v1, 3 = v2), hidden width ``hidden_dim``
-    (default the encoder's feature_dim), output ``projection_dim``; BN after every hidden Linear and, with
-    ``output_bn``, after the last one, biases off where BN follows (``batch_norm: false`` gives a plain MLP
-    with biases). Augmentation: random resized crop (``crop_scale``), flip, colour jitter of strength
-    ``jitter_strength`` (0.8 s brightness/contrast/saturation, 0.2 s hue) with probability ``jitter_p``,
-    grayscale, optional blur. ``gather_distributed``: under DDP every rank's projections are negatives (the
-    global batch of the paper). Reports ``loss`` and ``acc`` (share of views whose nearest other view is their
-    positive).
+    ``augment``: the view pipeline (:class:`~reprlab.data.views.ViewAugment`: random resized crop, flip,
+    colour jitter, grayscale, optional blur and solarization; None = its defaults; in YAML a mapping of its
+    fields, ``augment: {crop_scale: [0.08, 1.0], jitter_strength: 0.5}``). Projection head: ``num_layers``
+    Linear layers (2 = SimCLR v1, 3 = v2), hidden width ``hidden_dim`` (default the encoder's feature_dim),
+    output ``projection_dim``; BN after every hidden Linear and, with ``output_bn``, after the last one,
+    biases off where BN follows (``batch_norm: false`` gives a plain MLP with biases).
+    ``gather_distributed``: under DDP every rank's projections are negatives (the global batch of the paper).
+
+    ``forward(batch)`` makes two views of the uint8 batch on its device with ``augment`` and returns
+    ``forward_views(views)``: ``loss`` and ``acc`` (share of views whose nearest other view is their
+    positive). Call ``forward_views`` directly to train or time the model step on ready-made views.
     """
 
-    def __init__(self, encoder: Encoder, temperature: float = 0.5, projection_dim: int = 128,
-                 hidden_dim: int | None = None, num_layers: int = 2, output_bn: bool = True,
-                 batch_norm: bool = True, image_size: int | None = None,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5,
-                 jitter_strength: float = 1.0, jitter_p: float = 0.8, grayscale_p: float = 0.2,
-                 blur_p: float = 0.0, gather_distributed: bool = True) -> None:
+    def __init__(self, encoder: Encoder, augment: ViewAugment | None = None, temperature: float = 0.5,
+                 projection_dim: int = 128, hidden_dim: int | None = None, num_layers: int = 2,
+                 output_bn: bool = True, batch_norm: bool = True, gather_distributed: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
+        self.augment = augment if augment is not None else ViewAugment()
         self.projector = projection_head(encoder.feature_dim, hidden_dim or encoder.feature_dim,
                                          projection_dim, num_layers=num_layers, batch_norm=batch_norm,
                                          output_bn=output_bn)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
-        self.augment_args = dict(crop_scale=tuple(crop_scale), flip_p=flip_p, jitter_strength=jitter_strength,
-                                 jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p)
-        self.image_size = image_size
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         images = batch["images"]  # (B, C, H, W) uint8 on the device
-        augment = SimCLRAugment(size=self.image_size or images.shape[-1], **self.augment_args)
         with torch.autocast(images.device.type, enabled=False):  # elementwise ops: bf16 only slows them down
-            view0, view1 = augment.views(images, n=2)
-        z = self.projector(self.encoder(torch.cat([view0, view1])))  # one pass: BN sees both views
+            views = self.augment.views(images, n=2)
+        return self.forward_views(views)
+
+    def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
+        """NT-Xent loss and accuracy of two already-augmented float views, each (B, C, H, W)."""
+        if len(views) != 2:
+            raise ValueError(f"SimCLR contrasts exactly 2 views per image, got {len(views)}")
+        z = self.projector(self.encoder(torch.cat(views)))  # (2B, P): one pass, BN sees both views
         z0, z1 = z.chunk(2)
         # (2n, 2N) logits; the column of each anchor's positive
         logits, positive = nt_xent_logits(z0, z1, self.temperature, gather=self.gather_distributed)

@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
+import reprlab.evaluate.suite as suite_module
 import reprlab.stages.evaluate as run_module
 from reprlab.checkpoint import save_encoder
 from reprlab.config import DataConfig, EncoderConfig, EvaluateConfig, KNNConfig
 from reprlab.data.datasets import load_dataset
 from reprlab.evaluate.knn import knn_classify
-from reprlab.evaluate.retrieval import retrieval_metrics
+from reprlab.evaluate.retrieval import chunked_retrieval, retrieval_metrics
+from reprlab.evaluate.suite import Split, choose_knn_settings, evaluate_features
 from reprlab.models.encoders import create_encoder
-from reprlab.stages.evaluate import Split, choose_knn_settings, chunked_retrieval, evaluate, evaluate_features
+from reprlab.stages.evaluate import evaluate
 
 TINY_ARCH = EncoderConfig(name="timm:test_resnet")  # 0.4 M parameters, accepts 8x8 greyscale digits
 
@@ -34,7 +36,7 @@ def make_run_dir(path, method="simclr"):
     """A pretraining run directory as pretrain() leaves it (untrained tiny weights, a short metrics.jsonl)."""
     torch.manual_seed(1)
     encoder = create_encoder(TINY_ARCH.name)
-    config = {"method": {"name": method, "params": {"crop_scale": [0.5, 1.0], "flip_p": 0.0}}}
+    config = {"method": {"name": method, "params": {"augment": {"crop_scale": [0.5, 1.0], "flip_p": 0.0}}}}
     save_encoder(path, encoder, {"method": method, "dataset": "digits", "config": config, "metrics": {}})
     records = [{"epoch": 1, "step": 1, "loss": 4.8}, {"epoch": 1, "step": 2, "loss": 4.6},
                {"epoch": 1, "event": "epoch_end", "loss": 4.7, "knn_top1": 0.4, "effective_rank": 20.0},
@@ -95,8 +97,11 @@ def test_pretrained_run_dir_with_random_and_pixels_gives_one_table(tmp_path):
     assert list(summary["encoders"]) == ["tiny", "random timm:test_resnet", "pixels"]
     assert summary["encoders"]["random timm:test_resnet"]["feature_dim"] == 96
     assert summary["encoders"]["tiny"]["source"] == str(run_dir)
-    # alignment views use the SimCLR run's own augmentation (digits: no flips), the same for every encoder
-    assert summary["alignment_views"]["from"] == str(run_dir) and summary["alignment_views"]["flip_p"] == 0.0
+    # alignment views use cfg.alignment_views (not the run's augmentation), the same for every encoder, and
+    # metrics.json records the settings used
+    views = summary["alignment_views"]
+    assert views["crop_scale"] == [0.2, 1.0] and views["flip_p"] == 0.5 and views["images"] == 20
+    assert views == summary["settings"]["alignment_views"] | {"images": 20, "split": "val"}
     for metrics in summary["encoders"].values():
         assert ENCODER_KEYS <= set(metrics)
     table = summary["table"].splitlines()
@@ -123,18 +128,18 @@ def test_selection_never_reads_the_test_split(monkeypatch):
             torch.equal(tensor, test.features)
 
     def spy(name, key):
-        original = getattr(run_module, name)
+        original = getattr(suite_module, name)
 
         def wrapped(*args, **kwargs):
             seen[key].extend(a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor))
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(run_module, name, wrapped)
+        monkeypatch.setattr(suite_module, name, wrapped)
 
     for name in ("select_knn", "train_linear_probe", "sklearn_linear_probe"):
         spy(name, "select")
-    original_classify = run_module.knn_classify
-    monkeypatch.setattr(run_module, "knn_classify", lambda bank, labels, queries, **kw: (
+    original_classify = suite_module.knn_classify
+    monkeypatch.setattr(suite_module, "knn_classify", lambda bank, labels, queries, **kw: (
         seen["classify_queries"].append(queries), original_classify(bank, labels, queries, **kw))[1])
 
     first = evaluate_features(train, val, test, cfg).metrics
@@ -165,6 +170,8 @@ def test_knn_ties_go_to_the_default_k_and_temperature():
     chosen = choose_knn_settings(train, val, KNNConfig(k=20, temperature=0.07))
     assert {row["val_top1"] for row in chosen["grid"]} == {1.0}
     assert (chosen["k"], chosen["temperature"], chosen["selected_on"]) == (20, 0.07, "val")
+    moved = choose_knn_settings(train, val, KNNConfig(k=50, temperature=0.2))  # select_knn's rule, our defaults
+    assert (moved["k"], moved["temperature"]) == (50, 0.2)
     off = choose_knn_settings(train, val, KNNConfig(k=7, temperature=0.3, select_on_val=False))
     assert (off["k"], off["temperature"]) == (7, 0.3) and "grid" not in off
 
@@ -173,7 +180,8 @@ def test_chunked_retrieval_equals_one_call():
     bank, queries = clustered(50, classes=5, seed=0, spread=3.0), clustered(23, classes=5, seed=1, spread=3.0)
     queries.labels[0] = 99  # a query whose class is absent from the bank (R = 0)
     whole = retrieval_metrics(bank.features, bank.labels, queries.features, queries.labels, ks=(1, 5))
-    chunked = chunked_retrieval(bank, queries, (1, 5), "faiss", chunk=7)
+    chunked = chunked_retrieval(bank.features, bank.labels, queries.features, queries.labels, (1, 5), "faiss",
+                                chunk=7)
     assert set(chunked) == set(whole)
     for key, value in whole.items():
         both_nan = math.isnan(value) and math.isnan(chunked[key])

@@ -205,19 +205,29 @@ def test_select_knn_is_the_argmax_of_its_val_grid(monkeypatch):
         assert row["val_top1"] == separate.topk(val_labels)
     best = max(row["val_top1"] for row in choice["grid"])
     assert choice["val_top1"] == best
-    first_best = min(
+    first_best = min(  # ties: closest to the defaults k=20, T=0.07 in log ratio, then the smaller k
         (row for row in choice["grid"] if row["val_top1"] == best),
-        key=lambda row: (row["k"], abs(row["temperature"] - 0.07)),
+        key=lambda row: (abs(math.log(row["k"] / 20)) + abs(math.log(row["temperature"] / 0.07)), row["k"]),
     )
     assert (choice["k"], choice["temperature"]) == (first_best["k"], first_best["temperature"])
 
 
-def test_select_knn_ties_prefer_small_k_and_temperature_near_007():
+def test_select_knn_ties_go_to_the_setting_closest_to_the_defaults():
     bank, bank_labels = clustered(20, [0, 1], noise=0.01, seed=12)  # trivially separable: all configs 100%
     val, val_labels = clustered(5, [0, 1], noise=0.01, seed=12)
-    choice = select_knn(bank, bank_labels, val, val_labels, ks=(20, 10, 50), temperatures=(0.5, 0.05, 0.1))
+    ks, temperatures = (20, 10, 50), (0.5, 0.05, 0.1)
+    choice = select_knn(bank, bank_labels, val, val_labels, ks=ks, temperatures=temperatures)
     assert all(row["val_top1"] == 1.0 for row in choice["grid"])
-    assert (choice["k"], choice["temperature"]) == (10, 0.05)
+    # defaults k=20, T=0.07: k=20 exactly; 0.05 is 1.4x below 0.07, 0.1 is 1.43x above
+    assert (choice["k"], choice["temperature"]) == (20, 0.05)
+    moved = select_knn(bank, bank_labels, val, val_labels, ks=ks, temperatures=temperatures, default_k=40,
+                       default_temperature=0.4)
+    assert (moved["k"], moved["temperature"]) == (50, 0.5)  # 50 / 40 is closer than 40 / 20
+    # k = 10 and 40 are equally far (a factor 2) from 20: the smaller k wins
+    even = select_knn(bank, bank_labels, val, val_labels, ks=(40, 10), temperatures=(0.07,))
+    assert (even["k"], even["temperature"]) == (10, 0.07)
+    with pytest.raises(ValueError, match=r"every k must be >= 1, got ks=\[0, 5\]"):
+        select_knn(bank, bank_labels, val, val_labels, ks=(0, 5))
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])

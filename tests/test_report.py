@@ -10,15 +10,8 @@ import torch
 from PIL import Image
 
 from reprlab.config import EncoderConfig
-from reprlab.evaluate.report import (
-    Document,
-    _loss_points,
-    confusion_matrix,
-    embed_2d,
-    plot_training_curves,
-    read_metrics_log,
-    write_report,
-)
+from reprlab.evaluate.plots import _loss_points, confusion_matrix, embed_2d, plot_training_curves
+from reprlab.evaluate.report import Document, read_metrics_log, write_report
 from reprlab.stages.evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -31,6 +31,7 @@ BACKENDS = ("auto", "faiss", "torch")
 INDEXES = ("flat", "ivf", "hnsw")
 # faiss GPU brute-force search supports k up to 2048; above that we stay on the CPU.
 _FAISS_GPU_MAX_K = 2048
+DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 
 
@@ -44,9 +45,7 @@ def normalize_features(x: Tensor | np.ndarray) -> Tensor:
     """float32, L2-normalised rows, so that inner product = cosine similarity."""
     x = as_tensor(x, torch.float32)
     if x.ndim != 2:
-        raise ValueError(
-            f"features must be 2-D (N, D), got shape {tuple(x.shape)}; flatten or pool them first"
-        )
+        raise ValueError(f"features must be 2-D (N, D), got shape {tuple(x.shape)}; flatten or pool them first")
     return F.normalize(x, dim=1)
 
 
@@ -104,10 +103,8 @@ def knn_search(
         raise ValueError(f"bank has dim {bank.shape[1]} but queries have dim {queries.shape[1]}")
     num_bank = bank.shape[0]
     if exclude_self and queries.shape[0] != num_bank:
-        raise ValueError(
-            f"exclude_self=True needs the queries to be the bank, got {queries.shape[0]} queries for "
-            f"{num_bank} bank items; pass exclude_self=False for a separate query set"
-        )
+        raise ValueError(f"exclude_self=True needs the queries to be the bank, got {queries.shape[0]} queries for "
+                         f"{num_bank} bank items; pass exclude_self=False for a separate query set")
     k_out = min(k, num_bank - 1) if exclude_self else min(k, num_bank)
     k_search = k_out + 1 if exclude_self else k_out  # k_out + 1 <= N: self is dropped afterwards
     if k_out <= 0:  # a one-item bank queried by itself has no other neighbour
@@ -338,7 +335,7 @@ def knn_classify(
     bank: Tensor | np.ndarray,
     bank_labels: Tensor | np.ndarray,
     queries: Tensor | np.ndarray,
-    k: int = 20,
+    k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
     backend: str = "auto",
     exclude_self: bool = False,
@@ -366,6 +363,8 @@ def select_knn(
     val_labels: Tensor | np.ndarray,
     ks: tuple[int, ...] = (10, 20, 50, 100, 200),
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5),
+    default_k: int = DEFAULT_K,
+    default_temperature: float = DEFAULT_TEMPERATURE,
     backend: str = "auto",
     index: str = "flat",
     **search_options: Any,
@@ -373,11 +372,14 @@ def select_knn(
     """Choose k and temperature on a **validation** split (never the test split).
 
     Searches once with max(ks) and scores every (k, temperature) from prefixes of the same sorted neighbour
-    list. Best val top-1 wins; ties go to the smaller k, then the temperature closest to 0.07.
+    list. Best val top-1 wins; among ties, the (k, temperature) closest to the defaults (the sum of
+    |log(k / default_k)| and |log(temperature / default_temperature)|), then the smaller k, then grid order.
     Returns ``dict(k, temperature, val_top1, grid=[dict(k, temperature, val_top1), ...])``.
     """
     if not ks or not temperatures:
         raise ValueError("ks and temperatures must be non-empty")
+    if min(ks) < 1:  # k = 0 would score 0 and has no distance to the defaults
+        raise ValueError(f"every k must be >= 1, got ks={list(ks)}")
     bank_labels = as_tensor(bank_labels).long()
     classes, class_index = bank_classes(bank_labels)
     sims, idx = knn_search(bank, val, max(ks), backend, index, **search_options)  # (V, k_max)
@@ -387,7 +389,7 @@ def select_knn(
             scores = vote(sims[:, :k], idx[:, :k], class_index, classes.numel(), temperature)
             result = KNNResult(scores=scores, classes=classes.to(scores.device))
             grid.append({"k": k, "temperature": temperature, "val_top1": result.topk(val_labels, k=1)})
-    best = max(
-        grid, key=lambda row: (row["val_top1"], -row["k"], -abs(row["temperature"] - DEFAULT_TEMPERATURE))
-    )
+    # Ratios, not differences: k = 10 and 40 are equally far from 20, as are T = 0.05 and 0.2 from 0.1.
+    best = max(grid, key=lambda row: (row["val_top1"], -abs(math.log(row["k"] / default_k))
+                                      - abs(math.log(row["temperature"] / default_temperature)), -row["k"]))
     return {**best, "grid": grid}

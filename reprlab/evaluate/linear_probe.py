@@ -127,7 +127,42 @@ def train_linear_probe(
     val_targets = _label_indices(classes, val_y).to(device)
 
     configs = [(lr, weight_decay) for lr in lrs for weight_decay in weight_decays]
-    num_configs, dim, num_classes = len(configs), train_z.shape[1], classes.numel()
+    weight, bias = _train_configs(train_z, train_targets, classes.numel(), configs, epochs, batch_size,
+                                  generator)
+
+    val_logits = _batched_logits(val_z, weight, bias)  # (V, G, C)
+    val_top1 = (val_logits.argmax(dim=2) == val_targets[:, None]).float().mean(dim=0)  # (G,)
+    grid = [
+        {"lr": lr, "weight_decay": wd, "val_top1": float(top1)} for (lr, wd), top1 in zip(configs, val_top1)
+    ]
+    best = int(val_top1.argmax())  # first maximum = grid order
+    model = LinearProbe(mean.to(device), std.to(device), weight[:, best], bias[best], classes.to(device))
+    return ProbeResult(
+        model=model,
+        hyperparameters={
+            "lr": configs[best][0],
+            "weight_decay": configs[best][1],
+            "epochs": epochs,
+            "batch_size": batch_size,
+        },
+        val_top1=grid[best]["val_top1"],
+        grid=grid,
+    )
+
+
+def _train_configs(
+    train_z: Tensor,
+    train_targets: Tensor,
+    num_classes: int,
+    configs: list[tuple[float, float]],
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Train every (lr, weight decay) of ``configs`` at once on the same minibatches (Adam, cosine decay to 0,
+    zero init); returns the final (D, G, C) weights and (G, C) biases, G = len(configs)."""
+    device = train_z.device
+    num_configs, dim = len(configs), train_z.shape[1]
     weight = torch.zeros(dim, num_configs, num_classes, device=device, requires_grad=True)  # (D, G, C)
     bias = torch.zeros(num_configs, num_classes, device=device, requires_grad=True)  # (G, C)
     config_lrs = torch.tensor([lr for lr, _ in configs], device=device).view(-1, 1)  # (G, 1)
@@ -151,28 +186,7 @@ def train_linear_probe(
             cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
             optimizer.step(config_lrs * cosine)
             step += 1
-
-    with torch.no_grad():
-        val_logits = _batched_logits(val_z, weight, bias)  # (V, G, C)
-        val_top1 = (val_logits.argmax(dim=2) == val_targets[:, None]).float().mean(dim=0)  # (G,)
-    grid = [
-        {"lr": lr, "weight_decay": wd, "val_top1": float(top1)} for (lr, wd), top1 in zip(configs, val_top1)
-    ]
-    best = int(val_top1.argmax())  # first maximum = grid order
-    model = LinearProbe(
-        mean.to(device), std.to(device), weight[:, best].detach(), bias[best].detach(), classes.to(device)
-    )
-    return ProbeResult(
-        model=model,
-        hyperparameters={
-            "lr": configs[best][0],
-            "weight_decay": configs[best][1],
-            "epochs": epochs,
-            "batch_size": batch_size,
-        },
-        val_top1=grid[best]["val_top1"],
-        grid=grid,
-    )
+    return weight.detach(), bias.detach()
 
 
 def _batched_logits(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

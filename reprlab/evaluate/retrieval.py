@@ -22,6 +22,8 @@ from torch import Tensor
 
 from reprlab.evaluate.knn import as_tensor, knn_search
 
+# Queries per retrieval_metrics call in chunked_retrieval: memory is chunk x (the largest class in the bank).
+RETRIEVAL_QUERY_CHUNK = 2000
 
 def retrieval_metrics(
     bank: Tensor | np.ndarray,
@@ -87,3 +89,56 @@ def _map_at_r(hits: Tensor, relevant_counts: Tensor) -> dict[str, Any]:
         "r_precision": float(r_precision[has_relevant].mean()) if defined else float("nan"),
         "queries_without_relevant": int((~has_relevant).sum()),
     }
+
+
+def _weighted_mean(parts: list[tuple[float, int]]) -> float:
+    total = sum(weight for _, weight in parts)
+    return sum(value * weight for value, weight in parts if weight) / total if total else float("nan")
+
+
+def chunked_retrieval(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    backend: str = "auto",
+    chunk: int = RETRIEVAL_QUERY_CHUNK,
+) -> dict[str, Any]:
+    """``retrieval_metrics`` over chunks of ``chunk`` queries, averaged as one call would (memory chunk x max R
+    instead of Q x max R)."""
+    parts = []
+    for start in range(0, len(query_labels), chunk):
+        stop = start + chunk
+        metrics = retrieval_metrics(bank, bank_labels, queries[start:stop], query_labels[start:stop], ks=ks,
+                                    backend=backend)
+        parts.append((metrics, len(query_labels[start:stop])))
+    combined: dict[str, Any] = {}
+    for key in parts[0][0]:
+        if key == "queries_without_relevant":
+            combined[key] = sum(m[key] for m, _ in parts)
+        elif key in ("map@r", "r_precision"):  # averaged over the queries that have a relevant bank item
+            combined[key] = _weighted_mean([(m[key], n - m["queries_without_relevant"]) for m, n in parts])
+        else:
+            combined[key] = _weighted_mean([(m[key], n) for m, n in parts])
+    return combined
+
+
+def retrieval_queries(labels: Tensor, num_queries: int, seed: int) -> Tensor:
+    """(num_queries,) seeded indices of queries to show (the report's retrieval grid): one per class while
+    classes last, then the next images; the same for every encoder."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(labels), generator=generator)
+    chosen, seen = [], set()
+    for index in order.tolist():
+        if int(labels[index]) not in seen:
+            chosen.append(index)
+            seen.add(int(labels[index]))
+        if len(chosen) == num_queries:
+            break
+    for index in order.tolist():  # fewer classes than queries: fill with the next images
+        if len(chosen) == min(num_queries, len(labels)):
+            break
+        if index not in chosen:
+            chosen.append(index)
+    return torch.tensor(chosen, dtype=torch.long)

@@ -2,15 +2,20 @@
 
 Weights are only ever read from safetensors; resume state only through ``torch.load(weights_only=True)``, so a
 user-supplied file is never unpickled. Every file is written to a temporary name, fsynced and renamed, so a
-crash mid-write leaves the previous checkpoint intact.
+crash mid-write leaves the previous checkpoint intact. Resume state ends in a SHA-256 of its bytes, verified on
+every load, so a state whose bytes changed (a bad disk, a copy cut short, an edit) is refused, never trained on.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
 import platform
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +32,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe or does not fit the model."""
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask  # what open() would give: mkstemp's 0600 made config.yaml and weights differ
+
+
+def _no_space(err: BaseException) -> bool:
+    # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] ... file write failed"
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
+        isinstance(err, RuntimeError) and ("inline_container" in str(err) or "file write failed" in str(err)))
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync it, then rename over ``path`` (atomic on POSIX)."""
+    """Call ``write(tmp_path)``, fsync it, then rename over ``path`` (atomic on POSIX). A full disk is a
+    :class:`CheckpointError` saying so; the previous ``path`` is kept either way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,7 +55,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if not _no_space(err):
+            raise
+        free = shutil.disk_usage(path.parent).free / 2**20
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"no space left on the device of {path.parent} to write {path.name} ({free:.0f} MiB "
+                              f"free); {kept}. Free some space (or set out_dir elsewhere) and rerun the same "
+                              f"command to resume") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -155,22 +182,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+DIGEST_MAGIC = b"\nreprlab-sha256:"  # then 64 hex digits: the last 80 bytes of every state file
+
+
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write resume state atomically: ``torch.save`` bytes, then :data:`DIGEST_MAGIC` and their SHA-256."""
+
+    def write(tmp: str) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        body = buffer.getbuffer()
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.write(DIGEST_MAGIC + hashlib.sha256(body).hexdigest().encode())
+
+    atomic_write(path, write)
+
+
+def _verified_body(path: Path, start_over: str) -> io.BytesIO:
+    """The torch.save bytes of a state file whose trailing SHA-256 matches them."""
+    data = path.read_bytes()
+    trailer = len(DIGEST_MAGIC) + 64
+    if len(data) < trailer or data[-trailer:-64] != DIGEST_MAGIC:
+        raise CheckpointError(f"resume state {str(path)!r} has no checksum: it is truncated, or was not written "
+                              f"by this version of reprlab; {start_over}") from None
+    body, digest = memoryview(data)[:-trailer], data[-64:].decode(errors="replace")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CheckpointError(f"resume state {str(path)!r} is corrupt: its bytes no longer match the checksum "
+                              f"written with it; {start_over}") from None
+    return io.BytesIO(body)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """Load resume state with ``weights_only=True``: tensors and plain containers only, never arbitrary objects."""
+    """Load resume state after verifying its checksum, with ``weights_only=True``: tensors and plain containers
+    only, never arbitrary objects."""
     import re
 
     path = Path(path)
+    start_over = "delete it, or set train.resume=false to start over"
+    if not path.is_file():
+        raise CheckpointError(f"resume state {str(path)!r} does not exist")
+    body = _verified_body(path, start_over)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"resume state {str(path)!r} does not exist") from None
+        return torch.load(body, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
         text = str(err)
-        start_over = "delete it, or set train.resume=false to start over"
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if found:
             raise CheckpointError(f"refusing to load {str(path)!r}: it holds Python objects other than tensors "

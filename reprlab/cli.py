@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_dir = _run(args.stage, config)
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
+        print("interrupted: the last checkpoint (state.pt) in the run directory is intact; rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - only the errors that explain themselves lose their traceback
         if not isinstance(err, _user_errors()):
             raise

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from reprlab.data.views import FinetuneAugment, ViewAugment
+
 
 class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
@@ -79,6 +81,7 @@ class TrainConfig:
     resume: bool = True  # continue from runs/<name>/state.pt when it exists
     seed: int = 0
     progress: bool = True
+    loggers: list = field(default_factory=lambda: ["jsonl"])  # + tensorboard | wandb | mlflow | csv
 
 
 @dataclass(frozen=True)
@@ -126,19 +129,6 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    """Fine-tuning augmentation, batched on the device."""
-
-    crop_scale: tuple[float, float] | None = (0.35, 1.0)  # null disables the random resized crop
-    flip_p: float = 0.5
-    rotation_degrees: float = 0.0
-    jitter_strength: float = 0.0
-    cutout_p: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-
-
-@dataclass(frozen=True)
 class FinetuneConfig:
     name: str = "finetune"
     out_dir: str = "runs"
@@ -147,7 +137,7 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: FinetuneAugment = field(default_factory=FinetuneAugment)  # batched on the device, + mixup / cutmix
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128))
     label_smoothing: float = 0.0
@@ -195,6 +185,9 @@ class EvaluateConfig:
     sklearn_cs: list = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse regularisation C
     sklearn_max_iter: int = 1000
     quality_images: int = 1000  # val images seen as two SimCLR views for alignment (0 disables alignment)
+    # the views' augmentation, one setting for every encoder so their alignments compare (CIFAR-scale: no blur)
+    alignment_views: ViewAugment = field(default_factory=lambda: ViewAugment(
+        crop_scale=(0.2, 1.0), flip_p=0.5, jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.0))
     quality_max_features: int = 10000  # train features for uniformity / effective rank / std (seeded subset)
     report: bool = True  # report.md + report.html with pictures next to metrics.json
     report_map: str = "tsne"  # tsne | pca: the 2-D map of the test embeddings
@@ -220,6 +213,9 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple and typing.get_args(annotation) and Ellipsis not in typing.get_args(annotation):
+        args = typing.get_args(annotation)  # fixed length: (0.08, 1.0) for tuple[float, float]
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_type_ok, value, args))
     if origin in (tuple, list):
         return isinstance(value, (list, tuple)) and all(
             _type_ok(v, a) for v, a in zip(value, typing.get_args(annotation) or [Any] * len(value))
@@ -231,7 +227,31 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def _build(cls: type[T], raw: Any, where: str, source: str) -> T:
+def dataclass_in(annotation: Any) -> type | None:
+    """The dataclass an annotation names, alone or as ``X | None``; else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        classes = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+        return classes[0] if len(classes) == 1 else None
+    return None
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def build_dataclass(cls: type[T], raw: Any, where: str, source: str, base: T | None = None) -> T:
+    """A ``cls`` from a mapping, recursing into dataclass-typed fields; an unknown key or a wrong type is a
+    ConfigError naming the dotted key (``where`` is its prefix, e.g. ``method.params.augment``), the valid
+    keys and ``source`` (the file). Lists become tuples where a tuple is expected, and ``1e-5`` strings
+    (YAML 1.1 reads them as text) become floats. Keys the mapping leaves out keep ``base``'s values (the
+    default where the section sits: ``alignment_views: {flip_p: 0}`` keeps evaluation's own crop_scale),
+    else the dataclass defaults."""
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, dict):
@@ -246,8 +266,11 @@ def _build(cls: type[T], raw: Any, where: str, source: str) -> T:
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, key, source)
+        section = dataclass_in(hint)
+        if section is not None and not (value is None and _type_ok(None, hint)):
+            default = getattr(base, name) if base is not None else _field_default(fields[name])
+            values[name] = build_dataclass(section, value, key, source,
+                                           default if isinstance(default, section) else None)
             continue
         if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
             # YAML 1.1 reads 1e-5 (no dot) as a string; accept it where a float is expected
@@ -263,7 +286,7 @@ def _build(cls: type[T], raw: Any, where: str, source: str) -> T:
         ):
             value = tuple(value)
         values[name] = value
-    return cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -302,7 +325,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         _set_dotted(raw, key, value)
     if overrides:
         source += f" (with overrides {' '.join(overrides)})"
-    return _build(cls, raw, "", source)
+    return build_dataclass(cls, raw, "", source)
 
 
 def to_dict(config: Any) -> dict:

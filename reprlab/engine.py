@@ -1,6 +1,6 @@
 """The one training loop, shared by pretraining and fine-tuning.
 
-``fit`` runs a *task*: any ``nn.Module`` whose ``forward(batch) -> {"loss": ..., other 0-d tensors}``. It owns the
+``fit`` trains a :class:`reprlab.contracts.Task` over a :class:`reprlab.contracts.BatchSource`. It owns the
 device, mixed precision, DDP wrapping, gradient clipping, the progress bar, ``metrics.jsonl``, and
 checkpoint/resume: the state (model, optimizer, scheduler, grad scaler, every rank's RNG states, epoch and step) is
 written atomically every epoch and every ``checkpoint_every_steps`` steps, and a rerun of the same command
@@ -13,7 +13,6 @@ non-finite is saved.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -21,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,22 +28,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from reprlab import checkpoint, distributed
-from reprlab.data.loader import Batches
+from reprlab.contracts import BatchSource, Callback, Task
+from reprlab.loggers import MetricsLoggers
 
 STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-DEVICE_DATA_LIMIT = 2**30  # bytes of uint8 images served straight from GPU memory when data_on_device is None
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or the weights) became NaN or inf; training stopped and the last good checkpoint is kept."""
-
-
-class Callback(Protocol):
-    """Optional hooks; every method is optional. ``stop = True`` ends training after the current epoch."""
-
-    def on_epoch_start(self, epoch: int) -> None: ...
-    def on_epoch_end(self, epoch: int) -> dict[str, float]: ...
 
 
 @dataclass
@@ -79,37 +70,6 @@ def move_batch(batch: dict[str, Tensor], device: torch.device, channels_last: bo
     return moved
 
 
-class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` (rank 0 only)."""
-
-    def __init__(self, run_dir: Path | None) -> None:
-        self.path = run_dir / METRICS_FILE if run_dir is not None and distributed.is_main() else None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def restart(self) -> None:
-        """A fresh run: drop the lines of an earlier one."""
-        if self.path is not None and self.path.exists():
-            self.path.unlink()
-
-    def truncate_after(self, global_step: int) -> None:
-        """Resuming at ``global_step``: drop lines logged after it (they will be logged again), keep the rest."""
-        if self.path is None or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the crash
-                continue
-            if record.get("step", 0) <= global_step:
-                kept.append(line + "\n")
-        checkpoint.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
-
-
 def _trainable(task: nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in task.parameters())
 
@@ -130,7 +90,7 @@ def _step_position(global_step: int, steps_per_epoch: int) -> str:
 
 
 def _restore(state_path: Path, task: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, scaler: torch.amp.GradScaler, callbacks: Sequence[Any],
+             scheduler: Any, scaler: torch.amp.GradScaler, callbacks: Sequence[Callback],
              identity: dict[str, Any] | None) -> dict[str, Any]:
     """Load ``state_path`` into everything that trains; errors name the file and the way out."""
     state = checkpoint.load_state(state_path)
@@ -153,7 +113,7 @@ def _restore(state_path: Path, task: nn.Module, optimizer: torch.optim.Optimizer
             f"{state_path} does not fit this run's model or optimizer ({' '.join(problems[:2])[:400]}); "
             f"{fix}") from None
     for cb, cb_state in zip(callbacks, state.get("callbacks", [])):
-        if cb_state is not None and hasattr(cb, "load_state_dict"):
+        if cb_state is not None:
             cb.load_state_dict(cb_state)
     _restore_rng(state, state_path)
     return state
@@ -176,154 +136,229 @@ def _restore_rng(state: dict[str, Any], state_path: Path) -> None:
         random.seed(seed)
 
 
-def fit(task: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, epochs: int, device: torch.device,
-        run_dir: str | Path | None = None, precision: str = "fp32", grad_clip: float | None = None,
-        log_every: int = 20, checkpoint_every_steps: int = 0, resume: bool = True,
-        callbacks: Sequence[Any] = (), identity: dict[str, Any] | None = None, progress: bool = True,
-        sync_batchnorm: bool = False, channels_last: bool = False, data_on_device: bool | None = None,
-        desc: str = "train") -> FitResult:
-    """Train ``task`` for ``epochs`` over ``batches``; see the module docstring.
 
-    ``identity`` (e.g. the encoder spec) is stored in the checkpoint and must match on resume, so a run never
-    continues with another model. ``resume=False`` starts over: the old state and metrics.jsonl are deleted.
-    ``sync_batchnorm``: BatchNorm statistics over the global batch under DDP. ``data_on_device``: serve the whole
-    uint8 dataset from GPU memory (None: when it takes at most 1 GiB)."""
-    run_dir = Path(run_dir) if run_dir is not None else None
-    state_path = run_dir / STATE_FILE if run_dir is not None else None
-    if run_dir is not None and distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
-    task.to(device)
-    if device.type == "cuda" and (data_on_device or (
-            data_on_device is None and batches.data.images.nbytes <= DEVICE_DATA_LIMIT)):
-        batches = batches.to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    log = MetricsLog(run_dir)
-    start_epoch, start_step, global_step = 0, 0, 0
-    result = FitResult(epochs_run=0)
 
-    if resume and state_path is not None and state_path.exists():
-        state = _restore(state_path, task, optimizer, scheduler, scaler, callbacks, identity)
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        result.resumed_from = (start_epoch, start_step)
-        log.truncate_after(global_step)
-        if distributed.is_main() and start_epoch < epochs:
-            print(f"resuming {run_dir} at epoch {start_epoch + 1}, step {start_step}")
-    else:
-        if state_path is not None and distributed.is_main() and state_path.exists():
-            state_path.unlink()  # resume=false: a later crash must not resume the run this one replaces
-        log.restart()
-    distributed.barrier()  # every rank has read the state before any rank can overwrite it
+@dataclass(frozen=True)
+class FitOptions:
+    """The knobs of :func:`fit`. ``identity`` (e.g. the encoder spec) is stored in the checkpoint and must match
+    on resume, so a run never continues with another model. ``resume=False`` starts over: the old state and
+    metrics.jsonl are deleted."""
 
-    if sync_batchnorm and distributed.world_size() > 1:
-        task = distributed.convert_sync_batchnorm(task, device)
-    model, trainable = _wrap_ddp(task, device), _trainable(task)
-    steps_per_epoch = len(batches)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first global step with a non-finite loss
+    epochs: int
+    device: torch.device = torch.device("cpu")
+    run_dir: Path | None = None  # state.pt and metrics.jsonl go here; None: nothing is written
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA, with a grad scaler)
+    grad_clip: float | None = None
+    log_every: int = 20  # steps between metric lines: the only host syncs of the loop
+    checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
+    resume: bool = True
+    identity: dict[str, Any] | None = None
+    progress: bool = True
+    channels_last: bool = False
+    desc: str = "train"
+    loggers: tuple[str, ...] = ("jsonl",)  # reprlab.loggers.LOGGERS; jsonl is always on
+    hparams: dict[str, Any] = field(default_factory=dict)  # the run's config, logged once
 
-    def ensure_finite(context: str) -> None:
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        object.__setattr__(self, "device", torch.device(self.device))
+        if self.run_dir is not None:
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+
+class _LogWindow:
+    """Metrics of the steps since the last log line, summed on the device (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps, self.started = 0, time.perf_counter()
+
+    def add(self, out: dict[str, Any]) -> None:
+        for key, value in out.items():
+            if isinstance(value, Tensor) and value.ndim == 0:
+                value = value.detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """The window's means over all ranks: the one host sync."""
+        keys = sorted(self.sums)
+        sums = distributed.all_reduce_mean(torch.stack([self.sums[k] for k in keys]))
+        return dict(zip(keys, (v / self.steps for v in sums.tolist())))
+
+
+class _Run:
+    """The state of one :func:`fit` call: the wrapped model, the step counters and the checkpoint file."""
+
+    def __init__(self, task: Task, source: BatchSource, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, options: FitOptions, callbacks: Sequence[Callback]) -> None:
+        self.task, self.optimizer, self.scheduler, self.options = task, optimizer, scheduler, options
+        self.callbacks, self.device = callbacks, options.device
+        self.state_path = options.run_dir / STATE_FILE if options.run_dir is not None else None
+        if options.run_dir is not None and distributed.is_main():
+            options.run_dir.mkdir(parents=True, exist_ok=True)
+        task.to(self.device)
+        self.source = source.to_device(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.precision == "fp16")
+        self.steps_per_epoch = len(self.source)
+        self.total_steps = options.epochs * self.steps_per_epoch
+        self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.resumed_from: tuple[int, int] | None = None
+        self._resume_or_restart()
+        if task.sync_batchnorm and distributed.world_size() > 1:
+            self.task = task = distributed.convert_sync_batchnorm(task, self.device)
+        self.model, self.trainable = _wrap_ddp(task, self.device), _trainable(task)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
+
+    def _resume_or_restart(self) -> None:
+        path, options = self.state_path, self.options
+        if options.resume and path is not None and path.exists():
+            state = _restore(path, self.task, self.optimizer, self.scheduler, self.scaler, self.callbacks,
+                             options.identity)
+            self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
+            self.global_step, self.resumed_from = state["global_step"], (self.start_epoch, self.start_step)
+            if distributed.is_main() and self.start_epoch < options.epochs:
+                print(f"resuming {options.run_dir} at epoch {self.start_epoch + 1}, step {self.start_step}")
+        else:
+            if path is not None and distributed.is_main() and path.exists():
+                path.unlink()  # resume=false: a later crash must not resume the run this one replaces
+        resume_step = self.global_step if self.resumed_from is not None else None
+        self.log = MetricsLoggers(options.loggers, options.run_dir, options.hparams, resume_step)
+        distributed.barrier()  # every rank has read the state before any rank can overwrite it
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.close()
+
+    def rewrap_if_unfrozen(self) -> None:
+        """DDP only syncs the parameters that required grad when it was built: rewrap after a policy change."""
+        if _trainable(self.task) != self.trainable:
+            self.model, self.trainable = _wrap_ddp(self.task, self.device), _trainable(self.task)
+
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Forward, backward, (clip,) optimizer and scheduler step; then the task's per-step hook."""
+        options, scaler, optimizer = self.options, self.scaler, self.optimizer
+        batch = move_batch(batch, self.device, options.channels_last)
+        with _autocast(self.device, options.precision):
+            out = self.model(batch)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if options.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self.task.parameters(), options.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, self.global_step, self.first_bad)
+        self.task.after_step(self.global_step, self.total_steps)
+        return out
+
+    def write_log(self, window: _LogWindow, epoch: int, bar: tqdm) -> dict[str, float]:
+        """One metrics.jsonl line for ``window``; a non-finite mean stops training."""
+        means = window.means()
+        if not all(math.isfinite(v) for v in means.values()):
+            self.ensure_finite(f"metrics {means}")
+        speed = window.steps * self.source.batch_size * distributed.world_size() / max(
+            time.perf_counter() - window.started, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.log({"epoch": epoch + 1, "step": self.global_step, **means, "lr": lr, "images_per_s": speed})
+        bar.set_postfix({**{k: f"{v:.4g}" for k, v in means.items()}, "lr": f"{lr:.3g}", "img/s": f"{speed:.0f}"})
+        return means
+
+    def checkpoint_due(self) -> bool:
+        every = self.options.checkpoint_every_steps
+        return bool(every) and self.global_step % every == 0
+
+    def ensure_finite(self, context: str) -> None:
         """Raise (on every rank) if a non-finite loss was seen or the weights are no longer finite."""
-        flags = [p.detach().isfinite().all() for p in task.parameters()]
-        weights_ok = torch.stack(flags).all() if flags else first_bad.new_ones((), dtype=torch.bool)
-        ok = torch.stack([(first_bad < 0).float(), weights_ok.float()])
-        ok = distributed.all_reduce_min(ok).tolist()
+        flags = [p.detach().isfinite().all() for p in self.task.parameters()]
+        weights_ok = torch.stack(flags).all() if flags else self.first_bad.new_ones((), dtype=torch.bool)
+        ok = distributed.all_reduce_min(torch.stack([(self.first_bad < 0).float(), weights_ok.float()])).tolist()
         if all(ok):
             return
-        bad_steps = [s for s in distributed.all_gather(first_bad.view(1)).tolist() if s >= 0]
-        where = (f"a non-finite loss (NaN or inf) at {_step_position(min(bad_steps), steps_per_epoch)}"
-                 if bad_steps else f"non-finite weights by global step {global_step}")
-        kept = (f"the last good checkpoint {state_path} is kept" if state_path is not None and state_path.exists()
+        bad_steps = [s for s in distributed.all_gather(self.first_bad.view(1)).tolist() if s >= 0]
+        where = (f"a non-finite loss (NaN or inf) at {_step_position(min(bad_steps), self.steps_per_epoch)}"
+                 if bad_steps else f"non-finite weights by global step {self.global_step}")
+        path = self.state_path
+        kept = (f"the last good checkpoint {path} is kept" if path is not None and path.exists()
                 else "no checkpoint was written")
         raise NonFiniteLossError(f"training stopped ({context}): {where}; {kept}; lower optim.lr, set "
-                                 f"train.grad_clip or use precision fp32")
+                                 f"train.grad_clip or use precision fp32, with train.resume=false (a plain rerun "
+                                 f"resumes the diverging run as it was)")
 
-    def save(epoch: int, step_in_epoch: int) -> None:
+    def save(self, epoch: int, step_in_epoch: int) -> None:
         """Collective: every rank's RNG state goes into the one file rank 0 writes. Never saves NaN/inf."""
-        ensure_finite("before writing a checkpoint" if state_path is not None else "at a checkpoint step")
-        if state_path is None:
+        self.ensure_finite("before writing a checkpoint" if self.state_path is not None else "at a checkpoint")
+        if self.state_path is None:
             return
         rngs = distributed.all_gather_object(checkpoint.rng_state())
         if distributed.is_main():
-            checkpoint.save_state(state_path, {
-                "model": task.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": global_step, "world_size": distributed.world_size(), "identity": identity,
-                "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
+            checkpoint.save_state(self.state_path, {
+                "model": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step, "world_size": distributed.world_size(),
+                "identity": self.options.identity, "callbacks": [cb.state_dict() for cb in self.callbacks],
             })
         distributed.barrier()  # no rank runs ahead (or starts a resume) before the file is in place
 
-    images_per_step = batches.batch_size * distributed.world_size()
-    for epoch in range(start_epoch, epochs):
-        for cb in callbacks:
-            if hasattr(cb, "on_epoch_start"):
-                cb.on_epoch_start(epoch)
-        if _trainable(task) != trainable:  # a policy (un)froze layers
-            model, trainable = _wrap_ddp(task, device), _trainable(task)
-        task.train()
-        first = start_step if epoch == start_epoch else 0
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{epochs}",
-                   disable=not (progress and distributed.is_main()), dynamic_ncols=True, leave=False)
-        running: dict[str, Tensor] | None = None  # summed on the device: no host sync per step
-        since_log, epoch_loss, epoch_steps = 0, 0.0, 0
-        t_epoch = t_log = time.perf_counter()
-        for step, batch in enumerate(batches.epoch(epoch, start_step=first), start=first):
-            batch = move_batch(batch, device, channels_last)
-            with _autocast(device, precision):
-                out = model(batch)
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(task.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            global_step += 1
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), global_step, first_bad)
-            detached = {k: v.detach().float() for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}
-            running = detached if running is None else {k: running[k] + v for k, v in detached.items()}
-            since_log += 1
-            bar.update(1)
-            last = step + 1 == steps_per_epoch
-            if since_log == log_every or last:
-                keys = sorted(running)
-                sums = distributed.all_reduce_mean(torch.stack([running[k] for k in keys]))
-                means = dict(zip(keys, (v / since_log for v in sums.tolist())))  # the one host sync
-                if not all(math.isfinite(v) for v in means.values()):
-                    ensure_finite(f"metrics {means}")
-                now = time.perf_counter()
-                speed = since_log * images_per_step / max(now - t_log, 1e-9)
-                lr = optimizer.param_groups[0]["lr"]
-                log.write({"epoch": epoch + 1, "step": global_step, **means, "lr": lr, "images_per_s": speed})
-                bar.set_postfix({**{k: f"{v:.4g}" for k, v in means.items()}, "lr": f"{lr:.3g}",
-                                 "img/s": f"{speed:.0f}"})
-                epoch_loss += means["loss"] * since_log
-                epoch_steps += since_log
-                running, since_log, t_log = None, 0, now
-            if checkpoint_every_steps and global_step % checkpoint_every_steps == 0 and not last:
-                save(epoch, step + 1)
-        bar.close()
-        record: dict[str, Any] = {"epoch": epoch + 1, "event": "epoch_end", "step": global_step,
-                                  "loss": epoch_loss / max(epoch_steps, 1),
-                                  "epoch_time_s": time.perf_counter() - t_epoch}
-        task.eval()
-        for cb in callbacks:
-            if hasattr(cb, "on_epoch_end"):
-                record.update(cb.on_epoch_end(epoch) or {})
-        log.write(record)
-        if distributed.is_main() and progress:
+    def end_epoch(self, epoch: int, loss_sum: float, steps: int, started: float) -> dict[str, Any]:
+        """Epoch callbacks (task in eval mode) and the epoch_end line of metrics.jsonl."""
+        record: dict[str, Any] = {"epoch": epoch + 1, "event": "epoch_end", "step": self.global_step,
+                                  "loss": loss_sum / max(steps, 1), "epoch_time_s": time.perf_counter() - started}
+        self.task.eval()
+        for cb in self.callbacks:
+            record.update(cb.on_epoch_end(epoch) or {})
+        self.log.log(record)
+        if distributed.is_main() and self.options.progress:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k != "event"}
-            tqdm.write(f"{desc} " + " ".join(f"{k}={v}" for k, v in shown.items()))
-        result.history.append(record)
-        result.epochs_run += 1
-        save(epoch + 1, 0)
-        if any(getattr(cb, "stop", False) for cb in callbacks):
-            break
-    task.eval()
-    result.global_step = global_step
-    return result
+            tqdm.write(f"{self.options.desc} " + " ".join(f"{k}={v}" for k, v in shown.items()))
+        return record
+
+    def progress_bar(self, epoch: int, first: int) -> tqdm:
+        options = self.options
+        return tqdm(total=self.steps_per_epoch, initial=first, desc=f"{options.desc} {epoch + 1}/{options.epochs}",
+                    disable=not (options.progress and distributed.is_main()), dynamic_ncols=True, leave=False)
+
+
+def fit(task: Task, source: BatchSource, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None, options: FitOptions,
+        callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Train ``task`` for ``options.epochs`` over ``source``, resuming from ``run_dir/state.pt`` when it exists
+    (see the module docstring)."""
+    with _Run(task, source, optimizer, scheduler, options, callbacks) as run:
+        result = FitResult(epochs_run=0, resumed_from=run.resumed_from)
+        for epoch in range(run.start_epoch, options.epochs):
+            for cb in callbacks:
+                cb.on_epoch_start(epoch)
+            run.rewrap_if_unfrozen()
+            run.task.train()
+            first = run.start_step if epoch == run.start_epoch else 0
+            bar, window, started = run.progress_bar(epoch, first), _LogWindow(), time.perf_counter()
+            loss_sum, logged_steps = 0.0, 0
+            for step, batch in enumerate(run.source.epoch(epoch, start_step=first), start=first):
+                window.add(run.train_step(batch))
+                bar.update(1)
+                last = step + 1 == run.steps_per_epoch
+                if window.steps == options.log_every or last:
+                    loss_sum += run.write_log(window, epoch, bar)["loss"] * window.steps
+                    logged_steps += window.steps
+                    window = _LogWindow()
+                if run.checkpoint_due() and not last:
+                    run.save(epoch, step + 1)
+            bar.close()
+            result.history.append(run.end_epoch(epoch, loss_sum, logged_steps, started))
+            result.epochs_run += 1
+            run.save(epoch + 1, 0)
+            if any(cb.stop for cb in callbacks):
+                break
+        run.task.eval()
+        result.global_step = run.global_step
+        return result

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlab import distributed
+from reprlab.contracts import Callback, Task
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches, shard
-from reprlab.engine import fit
+from reprlab.engine import FitOptions, fit
 from reprlab.evaluate.features import extract_features
 from reprlab.models.encoders import Encoder
 from reprlab.ssl.losses import nt_xent_loss
@@ -90,7 +91,7 @@ def tiny_data(n: int = 48) -> ImageSet:
                     torch.arange(n) % 4, list("abcd"))
 
 
-class TinyTask(nn.Module):
+class TinyTask(Task):
     """A frozen-at-first layer, BatchNorm, and noise from the global RNG (differs per rank)."""
 
     def __init__(self) -> None:
@@ -105,7 +106,7 @@ class TinyTask(nn.Module):
         return {"loss": F.cross_entropy(self.rest(self.first(x)), batch["labels"])}
 
 
-class Unfreeze:
+class Unfreeze(Callback):
     """A policy-like callback: unfreezes ``task.first`` at epoch 1."""
 
     def __init__(self, task: TinyTask) -> None:
@@ -161,11 +162,14 @@ def _engine(rank: int, run_dir: str) -> dict:
     task = TinyTask()
     optimizer = torch.optim.SGD([p for p in task.parameters()], lr=0.1, momentum=0.9)
     batches = Batches(tiny_data(), 4, seed=0, rank=rank, world_size=WORLD)
-    result = fit(task, batches, optimizer, None, epochs=2, device=CPU, run_dir=run_dir, log_every=2,
-                 checkpoint_every_steps=4, callbacks=[Unfreeze(task)], sync_batchnorm=True, progress=False)
+    result = fit(task, batches, optimizer, None,
+                 FitOptions(epochs=2, device=CPU, run_dir=run_dir, log_every=2, checkpoint_every_steps=4,
+                            progress=False),
+                 callbacks=[Unfreeze(task)])
     params = torch.cat([p.detach().flatten() for p in task.parameters()])
-    resumed = fit(task, batches, optimizer, None, epochs=3, device=CPU, run_dir=run_dir, log_every=2,
-                  callbacks=[Unfreeze(task)], sync_batchnorm=True, progress=False)
+    resumed = fit(task, batches, optimizer, None,
+                  FitOptions(epochs=3, device=CPU, run_dir=run_dir, log_every=2, progress=False),
+                  callbacks=[Unfreeze(task)])
     after = torch.cat([p.detach().flatten() for p in task.parameters()])
     return {"params": distributed.all_gather(params[None]), "after": distributed.all_gather(after[None]),
             "bn_type": type(task.rest[0]).__name__, "epochs_run": result.epochs_run,

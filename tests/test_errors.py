@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from reprlab import checkpoint
+from reprlab import checkpoint, contracts
 from reprlab.checkpoint import CheckpointError
 from reprlab.config import ConfigError, EvaluateConfig, PretrainConfig, load_config
 from reprlab.data.datasets import DatasetError, ImageSet, load_dataset, per_class_subset
 from reprlab.data.loader import Batches
-from reprlab.engine import NonFiniteLossError, fit
+from reprlab.engine import FitOptions, NonFiniteLossError, fit
 
 CPU = torch.device("cpu")
 
@@ -110,7 +110,7 @@ def test_label_fraction_that_leaves_a_class_empty():
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-class Task(nn.Module):
+class Task(contracts.Task):
     def __init__(self, width: int = 4, nan_at: int | None = None) -> None:
         super().__init__()
         self.linear = nn.Linear(4, width)
@@ -134,7 +134,7 @@ def batches() -> Batches:
 def train(task: nn.Module, run_dir: Path | None, lr: float = 0.1, **kwargs):
     optimizer = torch.optim.SGD(task.parameters(), lr=lr)
     kwargs = {"epochs": 1, "progress": False, **kwargs}
-    return fit(task, batches(), optimizer, None, device=CPU, run_dir=run_dir, **kwargs)
+    return fit(task, batches(), optimizer, None, FitOptions(device=CPU, run_dir=run_dir, **kwargs))
 
 
 def test_resume_with_another_encoder_names_both(tmp_path):
@@ -174,6 +174,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     message = str(caught.value)
     assert "epoch 1, step 3 (global step 3)" in message and "last good checkpoint" in message
     assert str(tmp_path / "state.pt") in message
+    assert "lower optim.lr" in message and "train.resume=false" in message  # else a rerun resumes the divergence
     assert task.calls == 4  # stopped at the checkpoint after step 4: it was not written
     state = checkpoint.load_state(tmp_path / "state.pt")
     assert state["global_step"] == 2

@@ -13,9 +13,10 @@ from torch import nn
 
 import reprlab
 from reprlab.config import FinetuneConfig, load_config
+from reprlab.contracts import Callback, Task
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
-from reprlab.engine import fit
+from reprlab.engine import FitOptions, fit
 from reprlab.finetune.classifier import Classifier
 from reprlab.finetune.policies import POLICIES, build_policy
 from reprlab.finetune.task import ClassificationTask
@@ -165,13 +166,14 @@ def test_early_stopping_restores_the_best_epoch():
         torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1), torch.tensor([0, 1]), ["0", "1"]
     )
 
-    class Scripted(nn.Module):
+    class Scripted(Task):
         def __init__(self) -> None:
             super().__init__()
             self.classifier, self.epoch = classifier, 0
 
+    class Epochs(Callback):
         def on_epoch_start(self, epoch: int) -> None:
-            self.epoch = epoch
+            task.epoch = epoch
 
         def forward(self, batch: dict) -> dict:
             target = torch.tensor([[-targets[self.epoch]], [targets[self.epoch]]])  # class 1 iff pixel bright
@@ -188,16 +190,9 @@ def test_early_stopping_restores_the_best_epoch():
     task = Scripted()
     validation = Validation(Centered(), val, torch.device("cpu"), patience=2)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
-    result = fit(
-        task,
-        Batches(val, 2),
-        optimizer,
-        None,
-        epochs=len(targets),
-        device=torch.device("cpu"),
-        callbacks=[task, validation],
-        progress=False,
-    )
+    result = fit(task, Batches(val, 2), optimizer, None,
+                 FitOptions(epochs=len(targets), device=torch.device("cpu"), progress=False),
+                 callbacks=[Epochs(), validation])
     assert [r["val_top1"] for r in result.history] == [0.5, 1.0, 0.0, 0.0]
     assert result.epochs_run == 4 and validation.best_epoch == 1
     validation.restore_best()

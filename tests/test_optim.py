@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from reprlab.lars import LARS
 from reprlab.optim import (
-    LARS,
     ONECYCLE_DIV_FACTOR,
     OPTIMIZERS,
     SCHEDULES,

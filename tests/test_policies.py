@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from reprlab import distributed
+from reprlab.contracts import Callback
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
-from reprlab.engine import fit
+from reprlab.engine import FitOptions, fit
 from reprlab.finetune.classifier import Classifier
 from reprlab.finetune.policies import POLICIES, build_policy
 from reprlab.finetune.task import ClassificationTask
@@ -33,7 +34,7 @@ def _data() -> ImageSet:
     return ImageSet(images, labels, [f"c{i}" for i in range(NUM_CLASSES)])
 
 
-class Recorder:
+class Recorder(Callback):
     """Callback + forward hook: what trains, in which mode, at which lr, at every optimizer step."""
 
     def __init__(self, task: ClassificationTask, optimizer: torch.optim.Optimizer) -> None:
@@ -103,17 +104,9 @@ def _train(
     recorder = Recorder(task, opt)
     before = _snapshot(classifier)
     batches = Batches(_data(), 8, seed=0)
-    fit(
-        task,
-        batches,
-        opt,
-        scheduler,
-        epochs=epochs,
-        device=torch.device("cpu"),
-        callbacks=[policy, recorder],
-        progress=False,
-        log_every=100,
-    )
+    fit(task, batches, opt, scheduler,
+        FitOptions(epochs=epochs, device=torch.device("cpu"), progress=False, log_every=100),
+        callbacks=[policy, recorder])
     return classifier, policy, opt, recorder, before
 
 

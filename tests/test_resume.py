@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlab import checkpoint
+from reprlab.contracts import Task
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
-from reprlab.engine import fit
+from reprlab.engine import FitOptions, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -37,13 +38,18 @@ class Crash(RuntimeError):
     pass
 
 
-class TinyTask(nn.Module):
-    """BatchNorm (buffers), input noise from the global RNG, and an optional crash before step ``crash_at``."""
+class TinyTask(Task):
+    """BatchNorm (buffers), input noise from the global RNG, and an optional crash before step ``crash_at``.
+    ``hook_calls`` records every (step, total_steps) of the per-step hook."""
 
     def __init__(self, crash_at: int | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
         self.crash_at, self.calls = crash_at, 0
+        self.hook_calls: list[tuple[int, int]] = []
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.hook_calls.append((step, total_steps))
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.calls += 1
@@ -61,8 +67,8 @@ def run(run_dir: Path | None, epochs: int = 2, crash_at: int | None = None, init
     optimizer = torch.optim.Adam(task.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     kwargs = {"log_every": 1, "checkpoint_every_steps": 4, "progress": False, **kwargs}
-    result = fit(task, Batches(tiny_data(), 8, seed=5), optimizer, scheduler, epochs=epochs, device=CPU,
-                 run_dir=run_dir, **kwargs)
+    result = fit(task, Batches(tiny_data(), 8, seed=5), optimizer, scheduler,
+                 FitOptions(epochs=epochs, device=CPU, run_dir=run_dir, **kwargs))
     return task, result
 
 
@@ -96,6 +102,23 @@ def test_crash_mid_epoch_then_resume_is_bit_identical(tmp_path):
     steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
              if "event" not in r]
     assert steps == list(range(1, 11))
+
+
+def test_step_hook_sees_every_global_step_and_the_total_across_a_resume(tmp_path):
+    """after_step runs after each optimizer step with the 1-based global step and epochs x steps_per_epoch; a
+    resumed run continues the count where the checkpoint left it (steps 7 and on), not from 1."""
+    crashed = TinyTask(crash_at=8)
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(crashed.parameters(), lr=1e-2)
+    with pytest.raises(Crash):
+        fit(crashed, Batches(tiny_data(), 8, seed=5), optimizer, None,
+            FitOptions(epochs=2, device=CPU, run_dir=tmp_path, checkpoint_every_steps=3, progress=False))
+    assert crashed.hook_calls == [(step, 10) for step in range(1, 8)]  # died inside step 8
+    resumed, result = run(tmp_path, checkpoint_every_steps=3)
+    assert result.resumed_from == (1, 1)
+    assert resumed.hook_calls == [(step, 10) for step in range(7, 11)]  # from the state at global step 6
+    longer, _ = run(tmp_path, epochs=3)  # extending the run: the total grows, the count goes on
+    assert longer.hook_calls == [(step, 15) for step in range(11, 16)]
 
 
 def test_state_holds_everything_needed(tmp_path):

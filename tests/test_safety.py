@@ -3,6 +3,8 @@ truncated checkpoints give a CheckpointError naming the file, with no torch/safe
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import pathlib
 import pickle
@@ -14,11 +16,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from reprlab import checkpoint
+from reprlab import checkpoint, contracts
 from reprlab.checkpoint import CheckpointError, load_encoder, load_state, load_weights
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
-from reprlab.engine import fit
+from reprlab.engine import FitOptions, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +35,18 @@ class Malicious:
         return (pathlib.Path.touch, (self.marker,))
 
 
-def plant(path: Path, marker: Path, as_torch_save: bool = True) -> None:
+def plant(path: Path, marker: Path, as_torch_save: bool = True, checksum: bool = True) -> None:
+    """A malicious file; with ``checksum`` it carries a valid state checksum (anyone can compute one), so only
+    the weights-only unpickler stands between it and the payload."""
     payload = {"model": Malicious(marker), "epoch": 0}
     if as_torch_save:
-        torch.save(payload, path)  # the zip format torch.load reads
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)  # the zip format torch.load reads
+        body = buffer.getvalue()
     else:
-        path.write_bytes(pickle.dumps(payload))  # a bare pickle
+        body = pickle.dumps(payload)  # a bare pickle
+    trailer = checkpoint.DIGEST_MAGIC + hashlib.sha256(body).hexdigest().encode() if checksum else b""
+    path.write_bytes(body + trailer)
 
 
 def assert_clean(err: CheckpointError, path: Path) -> None:
@@ -71,12 +79,12 @@ def test_fit_refuses_a_malicious_resume_state(tmp_path):
     task = Task()
     data = ImageSet(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), ["a"])
     with pytest.raises(CheckpointError, match=r"refusing to load .*state\.pt.*train\.resume=false"):
-        fit(task, Batches(data, 4), torch.optim.SGD(task.parameters(), lr=0.1), None, epochs=1,
-            device=torch.device("cpu"), run_dir=tmp_path, progress=False)
+        fit(task, Batches(data, 4), torch.optim.SGD(task.parameters(), lr=0.1), None,
+            FitOptions(epochs=1, device=torch.device("cpu"), run_dir=tmp_path, progress=False))
     assert not marker.exists()
 
 
-class Task(nn.Module):
+class Task(contracts.Task):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(4, 1)
@@ -85,11 +93,21 @@ class Task(nn.Module):
         return {"loss": self.linear(batch["images"].flatten(1).float()).pow(2).mean()}
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_planted_file_without_our_checksum_is_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "state.pt", marker, checksum=False)
+    with pytest.raises(CheckpointError, match="has no checksum") as caught:
+        load_state(tmp_path / "state.pt")
+    assert_clean(caught.value, tmp_path / "state.pt")
+    assert not marker.exists()
+
+
 def test_truncated_resume_state(tmp_path):
     path = tmp_path / "state.pt"
     checkpoint.save_state(path, {"model": {"w": torch.randn(100, 100)}})
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated") as caught:
+    with pytest.raises(CheckpointError, match="truncated") as caught:
         load_state(path)
     assert_clean(caught.value, path)
 
@@ -97,7 +115,27 @@ def test_truncated_resume_state(tmp_path):
 def test_garbage_resume_state(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"\x00\x01 not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="no checksum") as caught:
+        load_state(path)
+    assert_clean(caught.value, path)
+    body = b"\x00\x01 not a checkpoint at all"  # garbage that carries a valid checksum
+    path.write_bytes(body + checkpoint.DIGEST_MAGIC + hashlib.sha256(body).hexdigest().encode())
     with pytest.raises(CheckpointError, match="corrupt or not a reprlab checkpoint") as caught:
+        load_state(path)
+    assert_clean(caught.value, path)
+
+
+def test_a_byte_changed_inside_a_weight_tensor_is_refused(tmp_path):
+    """Before the checksum, such a state loaded silently and a finished rerun re-exported the corrupted weights."""
+    path = tmp_path / "state.pt"
+    weight = torch.zeros(1000)
+    checkpoint.save_state(path, {"model": {"w": weight}})
+    data = bytearray(path.read_bytes())
+    at = data.find(bytes(weight[:64].numpy().tobytes()))  # the tensor's storage, inside the zip
+    assert at > 0
+    data[at + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="no longer match the checksum") as caught:
         load_state(path)
     assert_clean(caught.value, path)
 

@@ -10,9 +10,9 @@ import torch
 from torchvision.io import write_png
 from torchvision.transforms.v2.functional import center_crop, resize
 
-from reprlab.data.datasets import DatasetError, ImageSet
-from reprlab.data.loader import Batches
-from reprlab.data.stream import FolderBatches, decode_file, epoch_order, scan_folder
+from reprlab.data.datasets import DatasetError, ImageSet, decode_file, scan_folder
+from reprlab.data.loader import Batches, epoch_order
+from reprlab.data.stream import FolderBatches
 
 
 def _image(i: int, height: int, width: int) -> torch.Tensor:
@@ -147,9 +147,10 @@ def test_all_unreadable_batch_is_skipped_and_errors(tmp_path: Path) -> None:
 
 def test_feeds_the_training_loop(labeled_folder: Path) -> None:
     """engine.fit takes FolderBatches where it takes Batches."""
-    from reprlab.engine import fit
+    from reprlab.contracts import Task
+    from reprlab.engine import FitOptions, fit
 
-    class MeanTask(torch.nn.Module):
+    class MeanTask(Task):
         def __init__(self) -> None:
             super().__init__()
             self.scale = torch.nn.Parameter(torch.ones(()))
@@ -165,5 +166,47 @@ def test_feeds_the_training_loop(labeled_folder: Path) -> None:
     optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = fit(task, batches, optimizer, None, epochs=1, device=torch.device("cpu"), progress=False)
+        result = fit(task, batches, optimizer, None, FitOptions(epochs=1, device=torch.device("cpu"), progress=False))
     assert result.epochs_run == 1 and task.seen in (9, 10)  # the broken file may land in a batch
+
+
+def test_fit_places_a_stream_for_cuda_without_touching_dataset_memory(labeled_folder: Path, monkeypatch) -> None:
+    """The CUDA placement branch that used to read ``batches.data.images`` (which a stream does not have): the
+    source decides, a stream stays on the host with pinned batches and yields the same batches. Exercised
+    without a GPU: fit is asked for CUDA placement through the source's own ``to_device``."""
+    from reprlab.contracts import BatchSource, Task
+    from reprlab.engine import FitOptions, fit
+
+    stream = FolderBatches(labeled_folder, image_size=4, batch_size=2, shuffle=True, seed=3, num_workers=0)
+    assert isinstance(stream, BatchSource)
+    placed = stream.to_device(torch.device("cuda"))
+    assert placed.pin_memory and not stream.pin_memory and placed.files is stream.files
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pin_memory ... no accelerator" on a machine without a GPU
+        for a, b in zip(_all_batches(stream), _all_batches(placed)):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["index"], b["index"])
+
+    asked: list[torch.device] = []
+    original = FolderBatches.to_device
+
+    def to_device(self: FolderBatches, device: torch.device) -> FolderBatches:
+        asked.append(device)
+        return original(self, torch.device("cuda"))  # what fit gets on a CUDA device
+
+    monkeypatch.setattr(FolderBatches, "to_device", to_device)
+
+    class MeanTask(Task):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, batch: dict) -> dict:
+            return {"loss": (self.w - batch["images"].float().mean()) ** 2}
+
+    task = MeanTask()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fit(task, stream, torch.optim.SGD(task.parameters(), lr=0.01), None,
+                     FitOptions(epochs=1, device=torch.device("cpu"), progress=False))
+    assert asked == [torch.device("cpu")] and result.global_step == len(stream)
+    assert task.w.item() != 0  # it trained on the placed stream

@@ -146,20 +146,27 @@ def _load_npz(directory: Path) -> dict[str, ImageSet]:
     return splits
 
 
-def _decode_folder_images(paths: list[Path], size: int) -> tuple[Tensor, list[int]]:
-    """Decode and resize image files to (N, 3, size, size) uint8; unreadable files are skipped with a warning."""
+def decode_file(path: str | Path, size: int, channels: int = 3) -> Tensor:
+    """One image file -> uint8 (channels, size, size): shorter side resized to ``size`` (antialiased), then
+    the central square: how both folder loaders prepare images. Raises on unreadable files."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import center_crop, resize
 
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    image = decode_image(str(path), mode=mode)  # (C, H, W) uint8
+    image = resize(image, size, antialias=True)
+    return center_crop(image, [size, size])
+
+
+def _decode_folder_images(paths: list[Path], size: int) -> tuple[Tensor, list[int]]:
+    """Decode and resize image files to (N, 3, size, size) uint8; unreadable files are skipped with a warning."""
     images, kept, bad = [], [], []
     for i, path in enumerate(paths):
         try:
-            img = decode_image(str(path), mode=ImageReadMode.RGB)
+            images.append(decode_file(path, size))
         except Exception:  # noqa: BLE001 - any decoder failure means "not an image we can read"
             bad.append(path)
             continue
-        img = resize(img, size, antialias=True)  # shorter side -> size, then the central square
-        images.append(center_crop(img, [size, size]))
         kept.append(i)
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image file(s), first: {bad[0]}", stacklevel=3)
@@ -168,23 +175,30 @@ def _decode_folder_images(paths: list[Path], size: int) -> tuple[Tensor, list[in
     return torch.stack(images), kept
 
 
-def _load_folder(directory: Path, size: int) -> dict[str, ImageSet]:
-    if not directory.is_dir():
-        raise DatasetError(f"image folder {str(directory)!r} does not exist")
-    subdirs = sorted(p for p in directory.iterdir() if p.is_dir())
+def scan_folder(root: str | Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    """Image files under ``root`` in sorted order: ``(files, labels, classes)``. Class sub-folders (searched
+    recursively) give labels; a flat folder gives ``labels=None`` and no classes. The one folder scan of both
+    the in-memory and the streamed loader."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"image folder {str(root)!r} does not exist")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    labels: list[int] | None = None
     if subdirs:  # class sub-folders = labels
-        classes = [d.name for d in subdirs]
         files, labels = [], []
         for label, sub in enumerate(subdirs):
             found = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             files += found
             labels += [label] * len(found)
     else:
-        classes, labels = [], None
-        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DatasetError(f"image folder {str(directory)!r} holds no image files "
-                           f"(looked for {sorted(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"image folder {str(root)!r} holds no image files (looked for {sorted(IMAGE_SUFFIXES)})")
+    return files, labels, [d.name for d in subdirs]
+
+
+def _load_folder(directory: Path, size: int) -> dict[str, ImageSet]:
+    files, labels, classes = scan_folder(directory)
     images, kept = _decode_folder_images(files, size)
     label_tensor = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)[kept]
     return {"train": ImageSet(images, label_tensor, classes)}

@@ -1,9 +1,10 @@
 """Image folders too large for memory, streamed as uint8 batches decoded in DataLoader worker processes.
 
-:class:`FolderBatches` has the interface of :class:`reprlab.data.loader.Batches` (``len()``, ``batch_size``,
-``epoch(epoch, start_step)`` yielding ``{"images": uint8 (B, C, S, S), "labels", "index"}``), so
-``engine.fit`` and the device-side augmentations take it unchanged: workers only decode and resize to a fixed
-size (cheap, and the same for every epoch); the random augmentation stays batched on the training device.
+:class:`FolderBatches` is a :class:`reprlab.contracts.BatchSource` like :class:`reprlab.data.loader.Batches`
+(``len()``, ``batch_size``, ``epoch(epoch, start_step)`` yielding ``{"images": uint8 (B, C, S, S), "labels",
+"index"}``, ``to_device``), so ``engine.fit`` and the device-side augmentations take it unchanged: workers
+only decode and resize to a fixed size (cheap, and the same for every epoch); the random augmentation stays
+batched on the training device.
 
 The order of an epoch is that of ``Batches`` for the same (seed, epoch, rank, world_size), so a resumed run
 replays exactly the batches it had not seen and ranks take disjoint, equal-sized shares. Files that cannot be
@@ -12,6 +13,7 @@ decoded are dropped from their batch (which is then smaller) and counted; one wa
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,45 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from reprlab.data.datasets import IMAGE_SUFFIXES, DatasetError
-
-
-def scan_folder(root: str | Path) -> tuple[list[Path], list[int] | None, list[str]]:
-    """Image files under ``root`` in sorted order: ``(files, labels, classes)``.
-
-    Class sub-folders (searched recursively) give labels, as ``load_dataset("folder:<dir>")`` does; a flat
-    folder gives ``labels=None`` and no classes."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"image folder {str(root)!r} does not exist")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if subdirs:
-        files, labels = [], []
-        for label, sub in enumerate(subdirs):
-            found = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            files += found
-            labels += [label] * len(found)
-        classes: list[str] = [d.name for d in subdirs]
-        result_labels: list[int] | None = labels
-    else:
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        classes, result_labels = [], None
-    if not files:
-        raise DatasetError(f"image folder {str(root)!r} holds no image files "
-                           f"(looked for {sorted(IMAGE_SUFFIXES)})")
-    return files, result_labels, classes
-
-
-def decode_file(path: str | Path, size: int, channels: int = 3) -> Tensor:
-    """One image file -> uint8 (channels, size, size): shorter side resized to ``size`` (antialiased), then
-    the central square, as ``load_dataset("folder:...")`` prepares images. Raises on unreadable files."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import center_crop, resize
-
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    image = decode_image(str(path), mode=mode)  # (C, H, W) uint8
-    image = resize(image, size, antialias=True)
-    return center_crop(image, [size, size])
+from reprlab.data.datasets import decode_file, scan_folder
+from reprlab.data.loader import epoch_order, steps_per_epoch
 
 
 class _DecodedFiles(torch.utils.data.Dataset):
@@ -85,20 +50,6 @@ def _collate(items: list[tuple[Tensor | None, int]]) -> tuple[Tensor | None, Ten
     return torch.stack([image for image, _ in good]), torch.tensor([i for _, i in good]), bad
 
 
-def epoch_order(n: int, shuffle: bool, drop_last: bool, seed: int, epoch: int, rank: int,
-                world_size: int) -> Tensor:
-    """This rank's item indices for ``epoch``: the same as ``Batches.order`` for a dataset of n items."""
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    else:
-        order = torch.arange(n)
-    if drop_last:
-        order = order[: n - n % world_size]
-    elif n % world_size:  # pad by repeating, as DistributedSampler does
-        order = torch.cat([order, order[: world_size - n % world_size]])
-    return order[rank::world_size]
-
-
 class FolderBatches:
     """Stream ``{"images": uint8 (B, C, image_size, image_size), "labels": (B,), "index": (B,)}`` batches from
     image files, decoded and resized in ``num_workers`` DataLoader processes (0: in this process).
@@ -121,8 +72,6 @@ class FolderBatches:
             found = [Path(f) for f in files]
             if labels is not None and len(labels) != len(found):
                 raise ValueError(f"{len(found)} files but {len(labels)} labels; give one label per file")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
         if num_workers < 0:
@@ -135,16 +84,17 @@ class FolderBatches:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.channels, self.prefetch_factor = num_workers, channels, prefetch_factor
         self.skipped: set[int] = set()
-        n = len(self.files)
-        per_rank = n // world_size if drop_last else -(-n // world_size)
-        self.steps_per_epoch = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} images make no full batch of {batch_size} per rank "
-                             f"({world_size} rank(s)); lower the batch size to at most {max(1, per_rank)} "
-                             "or set drop_last=False")
+        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
+        self.pin_memory = False
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def to_device(self, device: torch.device) -> FolderBatches:
+        """A stream stays on the host; on CUDA its batches come in pinned memory (asynchronous copies)."""
+        streamed = copy.copy(self)
+        streamed.pin_memory = torch.device(device).type == "cuda"
+        return streamed
 
     def order(self, epoch: int) -> Tensor:
         """This rank's file indices for ``epoch`` (the first ``len(self) * batch_size`` are used)."""
@@ -160,7 +110,7 @@ class FolderBatches:
         # a whole batch per worker task: one IPC message per batch, collated where it was decoded
         loader = torch.utils.data.DataLoader(
             _DecodedFiles(self.files, self.image_size, self.channels), batch_sampler=plan,
-            num_workers=workers, collate_fn=_collate,
+            num_workers=workers, collate_fn=_collate, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None)
         new_bad: list[int] = []
         try:

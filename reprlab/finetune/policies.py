@@ -31,10 +31,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from reprlab import distributed
+from reprlab.contracts import Callback
 from reprlab.optim import param_groups
 
 
-class Policy:
+class Policy(Callback):
     """Base policy: every encoder group trains at the base learning rate, from the first epoch."""
 
     static = True  # the trainable set never changes: groups that never train stay out of the optimizer

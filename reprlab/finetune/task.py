@@ -6,16 +6,20 @@ import random
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from reprlab.data.augment import FinetuneAugment, cutmix, mixup
+from reprlab.contracts import Task
+from reprlab.data.mixing import cutmix, mixup
+from reprlab.data.views import FinetuneAugment
 from reprlab.finetune.classifier import Classifier
 from reprlab.finetune.policies import Policy
 
 
-class ClassificationTask(nn.Module):
+class ClassificationTask(Task):
     """Augment on the device, classify, cross-entropy (soft targets under mixup/cutmix, optional label
     smoothing) plus an optional L1 penalty on trainable weight matrices and kernels (not biases or norms)."""
+
+    sync_batchnorm = False  # per-rank BatchNorm statistics under DDP (frozen layers keep theirs in eval mode)
 
     def __init__(self, classifier: Classifier, policy: Policy, num_classes: int,
                  augment: FinetuneAugment | None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,

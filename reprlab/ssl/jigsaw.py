@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from reprlab.contracts import Task
 from reprlab.data.augment import random_grayscale, to_float
 from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
 from reprlab.models.encoders import Encoder, PatchPooling
@@ -138,7 +139,7 @@ def assemble_tiles(tiles: Tensor, grid: int) -> Tensor:
 # --------------------------------------------------------------------------------------------- method
 
 
-class Jigsaw(nn.Module):
+class Jigsaw(Task):
     """Permutation classification of shuffled tiles: shared encoder per tile, concatenated features -> head.
 
     ``num_permutations``: classes (the paper: 1000 on ImageNet; 100 suits small data). ``grid``: 3 (2 also

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from reprlab.contracts import Task
 from reprlab.data.augment import random_grayscale, to_float
 from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
 from reprlab.models.encoders import Encoder, PatchPooling
@@ -28,7 +29,7 @@ _NEIGHBOUR_CELLS = tuple((1 + dr) * 3 + (1 + dc) for dr, dc in NEIGHBOURS)
 _CENTRE_CELL = 4
 
 
-class RelativePosition(nn.Module):
+class RelativePosition(Task):
     """8-way classification of a neighbour patch's position relative to the centre patch.
 
     ``gap`` / ``jitter``: fractions of a grid cell (the paper: 96 px patches, 48 px gaps -> gap 1/3; jitter up

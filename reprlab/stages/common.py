@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from reprlab.config import DataConfig, EncoderConfig
+from reprlab.config import DataConfig, EncoderConfig, TrainConfig
 from reprlab.data.datasets import DatasetSplits, load_dataset
+from reprlab.engine import FitOptions
 from reprlab.models.encoders import Encoder, create_encoder
 
 
@@ -28,3 +31,12 @@ def build_dataset(cfg: DataConfig, seed: int) -> DatasetSplits:
 def build_encoder(cfg: EncoderConfig) -> Encoder:
     """The encoder named by an ``encoder:`` (or ``arch:``) section."""
     return create_encoder(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **cfg.kwargs)
+
+
+def fit_options(cfg: TrainConfig, device: torch.device, run_dir: Path, identity: dict[str, Any],
+                desc: str, hparams: dict[str, Any]) -> FitOptions:
+    """The training loop's options from a ``train:`` section; ``hparams``: the whole config, for the loggers."""
+    return FitOptions(epochs=cfg.epochs, device=device, run_dir=run_dir, precision=cfg.precision,
+                      grad_clip=cfg.grad_clip, log_every=cfg.log_every,
+                      checkpoint_every_steps=cfg.checkpoint_every_steps, resume=cfg.resume, identity=identity,
+                      progress=cfg.progress, desc=desc, loggers=tuple(cfg.loggers), hparams=hparams)

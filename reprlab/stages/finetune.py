@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reprlab import distributed
+from reprlab import distributed, rundir
 from reprlab.checkpoint import load_encoder, write_json
-from reprlab.config import FinetuneConfig, save_config, to_dict
-from reprlab.data.augment import FinetuneAugment
+from reprlab.config import ConfigError, FinetuneConfig, to_dict
+from reprlab.contracts import Callback
 from reprlab.data.datasets import ImageSet, per_class_subset
 from reprlab.data.loader import Batches
 from reprlab.engine import fit
@@ -28,7 +28,7 @@ from reprlab.finetune.classifier import Classifier, save_classifier
 from reprlab.finetune.policies import build_policy
 from reprlab.finetune.task import ClassificationTask
 from reprlab.optim import build_optimization
-from reprlab.stages.common import build_dataset, build_encoder, seed_everything
+from reprlab.stages.common import build_dataset, build_encoder, fit_options, seed_everything
 
 
 @torch.inference_mode()
@@ -43,7 +43,7 @@ def accuracy(classifier: nn.Module, data: ImageSet, device: torch.device, batch_
     return correct / max(len(data), 1)
 
 
-class Validation:
+class Validation(Callback):
     """Validation top-1 after every epoch; keeps the best weights and stops after ``patience`` epochs without
     improvement (``None``: never stops early). ``restore_best()`` loads the best epoch's weights."""
 
@@ -95,8 +95,8 @@ def load_splits(cfg: FinetuneConfig, seed: int) -> tuple[ImageSet, ImageSet, Ima
     return train, data.val, data.test
 
 
-def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any]:
-    """One seeded fine-tuning run into ``run_dir`` (model, meta.json, metrics.json, metrics.jsonl)."""
+def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path, run: rundir.RunDirectory) -> dict[str, Any]:
+    """One seeded fine-tuning run into ``run_dir`` (model, meta.json, metrics.json, metrics.jsonl) of ``run``."""
     device = distributed.setup(cfg.train.device)
     seed_everything(seed + distributed.rank())
     if distributed.is_main():
@@ -106,11 +106,11 @@ def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any
     classifier = Classifier(source_encoder(cfg), num_classes, dropout=cfg.head.dropout, init=cfg.head.init)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     groups = policy.attach(classifier, cfg.optim.weight_decay, cfg.optim.exclude_bn_bias)
-    aug = cfg.augment
-    augment = FinetuneAugment(size=None, crop_scale=aug.crop_scale, flip_p=aug.flip_p,
-                              rotation_degrees=aug.rotation_degrees, jitter_strength=aug.jitter_strength,
-                              cutout_p=aug.cutout_p)
-    task = ClassificationTask(classifier, policy, num_classes, augment, cfg.label_smoothing, aug.mixup_alpha,
+    aug = cfg.augment  # the per-image pipeline; its mixup / cutmix alphas mix the batch inside the task
+    if aug.size is not None:  # validation and test read images at the data's size: train at that size too
+        raise ConfigError(f"augment.size={aug.size}: fine-tuning trains and evaluates at the data's own size; "
+                          "set data.image_size instead and leave augment.size null")
+    task = ClassificationTask(classifier, policy, num_classes, aug, cfg.label_smoothing, aug.mixup_alpha,
                               aug.cutmix_alpha, cfg.l1_penalty)
     if cfg.train.channels_last:
         classifier.to(memory_format=torch.channels_last)
@@ -123,11 +123,9 @@ def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path) -> dict[str, Any
     policy.bind(optimizer, scheduler)
     validation = Validation(classifier, val, device, cfg.early_stopping_patience)
     identity = {"encoder": cfg.encoder, "arch": cfg.arch.name, "policy": cfg.policy.name}
-    result = fit(task, batches, optimizer, scheduler, epochs=cfg.train.epochs, device=device, run_dir=run_dir,
-                 precision=cfg.train.precision, grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every,
-                 checkpoint_every_steps=cfg.train.checkpoint_every_steps, resume=cfg.train.resume,
-                 callbacks=[policy, validation], identity=identity, progress=cfg.train.progress,
-                 desc="finetune")
+    options = fit_options(cfg.train, device, run_dir, identity, "finetune", to_dict(cfg))
+    run.write_config(cfg)  # everything was built from it: it describes this run's weights
+    result = fit(task, batches, optimizer, scheduler, options, callbacks=[policy, validation])
     validation.restore_best()
     metrics: dict[str, Any] = {
         "seed": seed, "val_top1": validation.best, "best_epoch": validation.best_epoch + 1,
@@ -152,23 +150,22 @@ def summarize(values: list[float]) -> dict[str, float]:
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune once per seed in ``cfg.seeds``. One seed writes the run into ``out_dir/name``; several write
     ``out_dir/name/seed<k>/`` each and a ``metrics.json`` with every run and the mean and std."""
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     seeds = list(cfg.seeds)
     if not seeds:
         raise ValueError("seeds is empty; give at least one, e.g. seeds: [0]")
-    if len(seeds) == 1:
-        finetune_one(cfg, seeds[0], run_dir)
-        return run_dir
-    runs = [finetune_one(copy.deepcopy(cfg), seed, run_dir / f"seed{seed}") for seed in seeds]
-    summary: dict[str, Any] = {"seeds": seeds, "runs": runs}
-    for key in ("val_top1", "test_top1"):
-        if all(key in r for r in runs):
-            summary[key] = summarize([r[key] for r in runs])
-    if distributed.is_main():
-        write_json(run_dir / "metrics.json", summary)
-        shown = {k: v for k, v in summary.items() if isinstance(v, dict)}
-        print(" ".join(f"{k}={v['mean']:.4f}±{v['std']:.4f}" for k, v in shown.items()))
-    return run_dir
+    with rundir.claim(Path(cfg.out_dir) / cfg.name) as run:
+        if cfg.train.resume:
+            run.check_resume(cfg)
+        if len(seeds) == 1:
+            finetune_one(cfg, seeds[0], run.path, run)
+            return run.path
+        runs = [finetune_one(copy.deepcopy(cfg), seed, run.path / f"seed{seed}", run) for seed in seeds]
+        summary: dict[str, Any] = {"seeds": seeds, "runs": runs}
+        for key in ("val_top1", "test_top1"):
+            if all(key in r for r in runs):
+                summary[key] = summarize([r[key] for r in runs])
+        if distributed.is_main():
+            write_json(run.path / "metrics.json", summary)
+            shown = {k: v for k, v in summary.items() if isinstance(v, dict)}
+            print(" ".join(f"{k}={v['mean']:.4f}±{v['std']:.4f}" for k, v in shown.items()))
+    return run.path

@@ -7,19 +7,20 @@ from typing import Any
 
 import torch
 
-from reprlab import distributed
+from reprlab import distributed, rundir
 from reprlab.checkpoint import save_encoder
-from reprlab.config import PretrainConfig, save_config, to_dict
+from reprlab.config import PretrainConfig, to_dict
+from reprlab.contracts import Callback
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
 from reprlab.engine import fit
 from reprlab.evaluate.features import extract_features
 from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
-from reprlab.stages.common import build_dataset, build_encoder, seed_everything
+from reprlab.stages.common import build_dataset, build_encoder, fit_options, seed_everything
 
 
-class Monitor:
+class Monitor(Callback):
     """Every ``every`` epochs: online kNN top-1 on the validation split (when labeled) and label-free collapse
     signals (std of L2-normalized embeddings, effective rank) of the encoder output."""
 
@@ -43,46 +44,47 @@ class Monitor:
         return metrics
 
 
+def _monitor_bank(train: ImageSet, max_images: int) -> ImageSet:
+    """The monitor's kNN bank: a fixed random subset of at most ``max_images`` training images."""
+    if len(train) <= max_images:
+        return train
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_images]
+    return train.subset(keep.sort().values)
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run self-supervised pretraining; returns the run directory (``cfg.out_dir/cfg.name``)."""
     device = distributed.setup(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     seed_everything(cfg.train.seed + rank)  # each rank draws its own augmentations
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-    data = build_dataset(cfg.data, cfg.train.seed)
-    encoder = build_encoder(cfg.encoder)
-    method = build_method(cfg.method.name, encoder, cfg.method.params)
-    if cfg.train.channels_last:
-        method.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        encoder.backbone.compile()
-    if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
-    batches = Batches(data.train, cfg.train.batch_size // world, shuffle=True, drop_last=True,
-                      seed=cfg.train.seed, rank=rank, world_size=world)
-    optimizer, scheduler = build_optimization(cfg.optim, method, cfg.train.batch_size, len(batches),
-                                              cfg.train.epochs)
-    bank = data.train
-    if len(bank) > cfg.monitor.max_images:
-        bank = bank.subset(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))
-                           [: cfg.monitor.max_images].sort().values)
-    monitor = Monitor(encoder, bank, data.val, cfg.monitor.every_epochs, cfg.monitor.knn_k,
-                      cfg.monitor.knn_temperature, device, batch_size=512)
-    identity = {"encoder": cfg.encoder.name, "encoder_kwargs": dict(cfg.encoder.kwargs), "method": cfg.method.name}
-    result = fit(method, batches, optimizer, scheduler, epochs=cfg.train.epochs, device=device, run_dir=run_dir,
-                 precision=cfg.train.precision, grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every,
-                 checkpoint_every_steps=cfg.train.checkpoint_every_steps, resume=cfg.train.resume,
-                 callbacks=[monitor], identity=identity, progress=cfg.train.progress,
-                 sync_batchnorm=world > 1 and getattr(method, "sync_batchnorm", True), desc="pretrain")
-    if distributed.is_main():
-        final: dict[str, Any] = result.history[-1] if result.history else {}
-        save_encoder(run_dir, encoder, {"method": cfg.method.name, "dataset": cfg.data.name,
-                                        "config": to_dict(cfg), "metrics": final})
-        if hasattr(method, "save_artifacts"):
-            method.save_artifacts(run_dir, next(iter(batches.epoch(0)))["images"][:32].to(device))
-    distributed.barrier()
-    return run_dir
+    with rundir.claim(Path(cfg.out_dir) / cfg.name) as run:
+        if cfg.train.resume:
+            run.check_resume(cfg)
+        data = build_dataset(cfg.data, cfg.train.seed)
+        encoder = build_encoder(cfg.encoder)
+        method = build_method(cfg.method.name, encoder, cfg.method.params)
+        if cfg.train.channels_last:
+            method.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            encoder.backbone.compile()
+        if cfg.train.batch_size % world:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
+        batches = Batches(data.train, cfg.train.batch_size // world, shuffle=True, drop_last=True,
+                          seed=cfg.train.seed, rank=rank, world_size=world)
+        optimizer, scheduler = build_optimization(cfg.optim, method, cfg.train.batch_size, len(batches),
+                                                  cfg.train.epochs)
+        monitor = Monitor(encoder, _monitor_bank(data.train, cfg.monitor.max_images), data.val,
+                          cfg.monitor.every_epochs, cfg.monitor.knn_k, cfg.monitor.knn_temperature, device,
+                          batch_size=512)
+        run.write_config(cfg)  # everything was built from it: it describes this run's weights
+        identity = {"encoder": cfg.encoder.name, "encoder_kwargs": dict(cfg.encoder.kwargs),
+                    "method": cfg.method.name}
+        result = fit(method, batches, optimizer, scheduler,
+                     fit_options(cfg.train, device, run.path, identity, "pretrain", to_dict(cfg)), callbacks=[monitor])
+        if distributed.is_main():
+            final: dict[str, Any] = result.history[-1] if result.history else {}
+            save_encoder(run.path, encoder, {"method": cfg.method.name, "dataset": cfg.data.name,
+                                             "config": to_dict(cfg), "metrics": final})
+            method.save_artifacts(run.path, next(iter(batches.epoch(0)))["images"][:32].to(device))
+        distributed.barrier()
+    return run.path

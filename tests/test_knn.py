@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reprlab.evaluate.knn as knn_module
-from reprlab.evaluate.knn import KNNResult, knn_classify, knn_search, measure_recall, select_knn
+from reprlab.evaluate.knn import BACKENDS, KNNResult, knn_classify, knn_search, measure_recall, select_knn
 
 
 def random_features(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:
@@ -60,7 +60,7 @@ def assert_matches_naive(result: KNNResult, naive, labels):
         assert result.topk(labels, k=k) == pytest.approx(naive_topk(naive, labels, k))
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["faiss", "faiss_heap", "torch", "auto"])
 @pytest.mark.parametrize(
     "case",
     [
@@ -89,7 +89,7 @@ def test_knn_classify_matches_naive(backend, case):
     assert_matches_naive(result, naive, query_labels)
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["faiss", "faiss_heap", "torch", "auto"])
 def test_leave_one_out_matches_naive(backend):
     bank = random_features(25, seed=4)
     labels = torch.tensor([3, 7, 100, 3, 7] * 5)
@@ -101,7 +101,7 @@ def test_leave_one_out_matches_naive(backend):
     assert cheating.topk(labels) == 1.0
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["faiss", "faiss_heap", "torch", "auto"])
 def test_leave_one_out_with_duplicates_drops_by_index(backend):
     base = random_features(6, seed=5)
     bank = torch.cat([base, base, base])  # every row has two exact duplicates
@@ -254,17 +254,37 @@ def test_ivf_padding_never_votes():
     torch.testing.assert_close(result.scores.sum(dim=1), valid_mass)
 
 
-def test_auto_backend_uses_faiss_on_cpu_and_matches_the_torch_reference(monkeypatch):
-    import reprlab.evaluate.knn as knn_module
+def test_auto_backend_runs_the_measured_fastest_on_cpu_and_faiss_for_approximate_indexes(monkeypatch):
+    from reprlab.evaluate import search
 
     generator = torch.Generator().manual_seed(5)
     bank, queries = torch.randn(300, 16, generator=generator), torch.randn(20, 16, generator=generator)
+    monkeypatch.setattr(search, "fastest_exact_cpu", lambda dim, k, threads: "faiss_heap")
     calls = []
-    real = knn_module._faiss_search
-    monkeypatch.setattr(knn_module, "_faiss_search", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
-    auto = knn_module.knn_search(bank, queries, 7, backend="auto", chunk_size=6)  # 20 queries: a partial chunk
-    exact = knn_module.knn_search(bank, queries, 7, backend="torch")
-    knn_module.knn_search(bank, queries, 7, backend="auto", index="hnsw")
-    assert calls == ["flat", "hnsw"]
+    real_heap, real_faiss = search.faiss_heap_search, search.faiss_search
+    monkeypatch.setattr(search, "faiss_heap_search", lambda *a, **kw: calls.append("heap") or real_heap(*a, **kw))
+    monkeypatch.setattr(search, "faiss_search", lambda *a, **kw: calls.append(a[3]) or real_faiss(*a, **kw))
+    auto = knn_search(bank, queries, 7, backend="auto", chunk_size=6)  # 20 queries: a partial chunk
+    exact = knn_search(bank, queries, 7, backend="torch")
+    knn_search(bank, queries, 7, backend="auto", index="hnsw")
+    assert calls == ["heap", "hnsw"]
     assert torch.equal(auto[1], exact[1])
     torch.testing.assert_close(auto[0], exact[0])
+
+
+def test_every_backend_returns_the_same_neighbours_and_auto_picks_a_measured_one():
+    from reprlab.evaluate import search
+
+    generator = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(3000, 48, generator=generator), torch.randn(300, 48, generator=generator)
+    results = {b: knn_search(bank, queries, k=30, backend=b, chunk_size=128) for b in BACKENDS}
+    reference_sims, reference_idx = results["torch"]
+    for backend, (sims, idx) in results.items():
+        assert torch.equal(idx, reference_idx), backend  # continuous random data: no ties
+        assert torch.allclose(sims, reference_sims, atol=1e-5), backend
+    search.fastest_exact_cpu.cache_clear()
+    chosen = search.fastest_exact_cpu(48, 32, torch.get_num_threads())
+    assert chosen in search.EXACT_CPU
+    assert search.fastest_exact_cpu.cache_info().misses == 1
+    knn_search(bank, queries, k=20, backend="auto")  # k=20 -> the same power-of-two bucket: no new timing
+    assert search.fastest_exact_cpu.cache_info().misses == 1

@@ -10,15 +10,13 @@ Differences from the peers' copies of that code (see design/peers.md section 5):
 - ``k`` larger than the bank means "the whole bank"; top-5 with fewer than 5 classes means top-C, and a class
   that got no vote (k < 5) never counts as predicted;
 - leave-one-out (``exclude_self``) when the queries are the bank;
-- faiss: exact search (torch BLAS similarities + faiss heap selection on the CPU, `IndexFlatIP` on the GPU), or
-  IVF / HNSW for large banks; with a pure-torch reference backend.
+- exact search by the fastest backend of the machine (faiss ``IndexFlatIP``, torch BLAS + faiss heaps, or torch;
+  reprlab.evaluate.search), faiss on the GPU, or IVF / HNSW for large banks; a pure-torch reference backend.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "faiss", "torch")
+from reprlab.evaluate import search
+
+BACKENDS = ("auto", "faiss", "faiss_heap", "torch")
 INDEXES = ("flat", "ivf", "hnsw")
-# faiss GPU brute-force search supports k up to 2048; above that we stay on the CPU.
-_FAISS_GPU_MAX_K = 2048
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 
@@ -72,12 +70,12 @@ def knn_search(
     with ``k' = min(k, N_bank)`` (``min(k, N_bank - 1)`` with ``exclude_self``): a ``k`` larger than the bank
     returns the whole bank rather than failing.
 
-    backend: ``"faiss"`` (GPU when the queries are on CUDA and faiss sees a GPU, else CPU), ``"torch"``
-        (the reference: chunks of ``chunk_size`` queries, matmul + ``topk``, on the queries' device) or
-        ``"auto"``: faiss, except exact search of CUDA queries without faiss-GPU, which stays in torch on the
-        GPU. Exact faiss search on the CPU computes the similarities with torch's BLAS (faiss-cpu's bundled
-        BLAS measured ~3x slower on our CPUs) and selects the top k with faiss's heaps (faster than
-        ``torch.topk``): ``python scripts/benchmark.py knn``.
+    backend: ``"faiss"`` (faiss's index: GPU when the queries are on CUDA and faiss sees a GPU, else CPU),
+        ``"faiss_heap"`` (exact, CPU: torch's BLAS for the similarities, faiss's heaps for the top k),
+        ``"torch"`` (the reference: chunks of ``chunk_size`` queries, matmul + ``topk``, on the queries'
+        device) or ``"auto"``: on the CPU the fastest exact backend of this machine, timed once per process
+        (:func:`reprlab.evaluate.search.fastest_exact_cpu`); on CUDA faiss-GPU when usable, else torch;
+        faiss for the approximate indexes. ``python scripts/benchmark.py knn`` times them side by side.
     index: faiss index type. ``"flat"`` is exact (``IndexFlatIP``). ``"ivf"`` (``IndexIVFFlat``, ``nlist``
         defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and
         ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are
@@ -90,11 +88,8 @@ def knn_search(
         raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
     if index not in INDEXES:
         raise ValueError(f"unknown index {index!r}; choose from {sorted(INDEXES)}")
-    if backend == "auto":
-        on_cuda = isinstance(queries, Tensor) and queries.is_cuda
-        backend = "torch" if index == "flat" and on_cuda and not _faiss_gpu_usable(queries, k) else "faiss"
-    if backend == "torch" and index != "flat":
-        raise ValueError(f"the torch backend is exact only; use backend='faiss' for index={index!r}")
+    if backend in ("torch", "faiss_heap") and index != "flat":
+        raise ValueError(f"the {backend} backend is exact only; use backend='faiss' for index={index!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
@@ -111,131 +106,27 @@ def knn_search(
         empty = torch.empty(queries.shape[0], 0, device=device)
         return empty, empty.long()
 
+    if backend == "auto":
+        backend = _auto_backend(index, queries, bank.shape[1], k_search)
     if backend == "torch":
-        sims, idx = _torch_search(bank.to(device), queries.to(device), k_search, chunk_size)
+        sims, idx = search.torch_search(bank.to(device), queries.to(device), k_search, chunk_size)
+    elif backend == "faiss_heap" or (backend == "faiss" and index == "flat" and device.type != "cuda"):
+        sims, idx = search.exact_cpu_search(backend, bank, queries, k_search, chunk_size)
     else:
-        sims, idx = _faiss_search(bank, queries, k_search, index, nlist, nprobe, hnsw_m, ef_search, device,
-                                  chunk_size)
+        sims, idx = search.faiss_search(bank, queries, k_search, index, nlist, nprobe, hnsw_m, ef_search, device,
+                                        chunk_size)
     if exclude_self:
         sims, idx = _drop_self(sims, idx, k_out)
     return sims.to(device), idx.to(device)
 
 
-def _similarity_chunks(bank: Tensor, queries: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, stop, queries[start:stop] @ bank.T)`` per fixed query chunk (never 0), bounding memory at
-    chunk_size x N. The chunks share one buffer, overwritten each time: a fresh (chunk, N) tensor per chunk is
-    page-faulted in every time (``python scripts/benchmark.py knn``: torch reference vs ``backend="torch"``)."""
-    num_queries = queries.shape[0]
-    chunk_size = max(1, min(int(chunk_size), num_queries))
-    buffer = torch.empty(chunk_size, bank.shape[0], dtype=queries.dtype, device=queries.device)
-    for start in range(0, num_queries, chunk_size):
-        stop = min(start + chunk_size, num_queries)
-        yield start, stop, torch.mm(queries[start:stop], bank.T, out=buffer[: stop - start])
-
-
-def _torch_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact search: chunked matmul + ``torch.topk``, written into preallocated outputs."""
-    sims = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
-    idx = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
-    for start, stop, chunk_sims in _similarity_chunks(bank, queries, chunk_size):
-        torch.topk(chunk_sims, k, dim=1, largest=True, sorted=True, out=(sims[start:stop], idx[start:stop]))
-    return sims, idx
-
-
-def _faiss_gpu_usable(queries: Tensor | np.ndarray, k: int) -> bool:
-    if not (isinstance(queries, Tensor) and queries.is_cuda and k <= _FAISS_GPU_MAX_K):
-        return False
-    try:
-        return _import_faiss().get_num_gpus() > 0
-    except ImportError:
-        return False
-
-
-@functools.lru_cache(maxsize=1)
-def _gpu_resources() -> Any:
-    import faiss
-
-    return faiss.StandardGpuResources()  # allocates scratch memory once per process, so cache it
-
-
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as error:  # pragma: no cover - faiss is a dependency
-        raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu)") from error
-    return faiss
-
-
-def _build_index(
-    bank: np.ndarray,
-    index: str,
-    nlist: int | None,
-    nprobe: int | None,
-    hnsw_m: int,
-    ef_search: int | None,
-    k: int,
-) -> Any:
-    faiss = _import_faiss()
-    num_bank, dim = bank.shape
-    if index == "flat":
-        built = faiss.IndexFlatIP(dim)
-    elif index == "ivf":
-        nlist = nlist or max(1, round(4 * math.sqrt(num_bank)))
-        if not 1 <= nlist <= num_bank:
-            raise ValueError(f"nlist={nlist} must be in [1, {num_bank}] (the bank size) for k-means training")
-        quantizer = faiss.IndexFlatIP(dim)
-        built = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        built.train(bank)
-        built.nprobe = min(nlist, nprobe or max(1, round(math.sqrt(nlist))))
-    else:
-        built = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        built.hnsw.efSearch = ef_search or max(64, 2 * k)
-    built.add(bank)
-    return built
-
-
-def _faiss_search(
-    bank: Tensor,
-    queries: Tensor,
-    k: int,
-    index: str,
-    nlist: int | None,
-    nprobe: int | None,
-    hnsw_m: int,
-    ef_search: int | None,
-    device: torch.device,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor]:
-    faiss = _import_faiss()
-    use_gpu = device.type == "cuda" and index != "hnsw" and k <= _FAISS_GPU_MAX_K and faiss.get_num_gpus() > 0
-    if index == "flat" and not use_gpu:
-        return _blas_heap_search(bank.detach().cpu(), queries.detach().cpu(), k, chunk_size)
-    bank_np = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
-    queries_np = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-    built = _build_index(bank_np, index, nlist, nprobe, hnsw_m, ef_search, k)
-    # HNSW has no GPU implementation; flat/IVF move to the GPU when the caller works on CUDA.
-    if use_gpu:
-        built = faiss.index_cpu_to_gpu(_gpu_resources(), device.index or 0, built)
-    sims_np, idx_np = built.search(queries_np, k)  # (Q, k) each
-    sims, idx = torch.from_numpy(sims_np), torch.from_numpy(idx_np).long()
-    return sims.masked_fill(idx < 0, float("-inf")), idx
-
-
-def _blas_heap_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Exact CPU search as ``IndexFlatIP`` does it (a BLAS product per query chunk, then a top-k heap per
-    query), with torch's BLAS for the product and faiss's heaps for the selection."""
-    faiss = _import_faiss()
-    bank, queries = bank.float().contiguous(), queries.float().contiguous()
-    sims = np.empty((queries.shape[0], k), dtype=np.float32)
-    idx = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start, stop, chunk_sims in _similarity_chunks(bank, queries, chunk_size):
-        heaps = faiss.float_minheap_array_t()  # a min-heap per query keeps its k largest similarities
-        heaps.k, heaps.nh = k, stop - start
-        heaps.val, heaps.ids = faiss.swig_ptr(sims[start:stop]), faiss.swig_ptr(idx[start:stop])
-        heaps.heapify()
-        heaps.addn(bank.shape[0], faiss.swig_ptr(chunk_sims.numpy()))
-        heaps.reorder()  # heap order -> sorted by decreasing similarity
-    return torch.from_numpy(sims), torch.from_numpy(idx)
+def _auto_backend(index: str, queries: Tensor, dim: int, k: int) -> str:
+    if index != "flat":
+        return "faiss"
+    if queries.is_cuda:
+        return "faiss" if search.faiss_gpu_usable(queries, k) else "torch"
+    k_bucket = 1 << max(0, k - 1).bit_length()  # the timing is cached per power of two of k
+    return search.fastest_exact_cpu(dim, k_bucket, torch.get_num_threads())
 
 
 def _drop_self(sims: Tensor, idx: Tensor, k_out: int) -> tuple[Tensor, Tensor]:

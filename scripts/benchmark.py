@@ -1,24 +1,39 @@
-"""Benchmarks: `python scripts/benchmark.py <name> [options]`, each printing a table and writing one JSON line.
+"""Benchmarks: `python scripts/benchmark.py <benchmark> [options]`; each prints tables and appends one JSON line.
 
-Names: quality (pretraining methods on CIFAR-10 vs lightly), pretrain / augment / extract (speed vs lightly),
-knn (faiss vs scikit-learn vs torch), finetune (policies at 1% / 10% labels). Each module lives in scripts/bench/.
+`python scripts/benchmark.py <benchmark> --help` gives what it measures, example commands and its options. Each
+benchmark is one module in scripts/bench/ with `add_arguments(parser)` and `main(args) -> exit status`; the
+lightly side of every comparison is scripts/bench/peers.py.
 """
 
-import importlib
+import argparse
 import sys
+from types import ModuleType
 
-BENCHMARKS = {
-    "quality": "bench.quality",
-    "pretrain": "bench.speed",
-    "augment": "bench.speed",
-    "extract": "bench.speed",
-    "knn": "bench.knn",
-    "finetune": "bench.finetune",
+from bench import augment_speed, extract_speed, finetune, knn, pretrain_speed, quality
+
+BENCHMARKS: dict[str, ModuleType] = {
+    "quality": quality,  # pretraining methods on CIFAR-10 vs lightly's SimCLR: kNN / linear probe
+    "pretrain": pretrain_speed,  # SimCLR pretraining speed vs lightly (+ --ablate, --scaling, --quality-check)
+    "augment": augment_speed,  # batched views on the device vs per-sample pipelines
+    "extract": extract_speed,  # feature extraction images/s
+    "knn": knn,  # faiss vs scikit-learn vs torch vs lightly
+    "finetune": finetune,  # fine-tuning policies at 1% / 10% of the labels
 }
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python scripts/benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="benchmark", required=True, metavar="<benchmark>",
+                                     title="benchmarks")
+    for name, module in BENCHMARKS.items():
+        summary = module.__doc__.splitlines()[0]
+        sub = commands.add_parser(name, help=summary.replace("%", "%%"), description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+    return parser
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
-        print(f"usage: python scripts/benchmark.py {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
-        sys.exit(2)
-    module = importlib.import_module(BENCHMARKS[sys.argv[1]])
-    sys.exit(module.main(sys.argv[1:]))
+    args = build_parser().parse_args()
+    sys.exit(BENCHMARKS[args.benchmark].main(args))

@@ -1,22 +1,71 @@
 """The benchmark commands the README quotes run end to end at toy sizes and write their JSON line."""
 
+import argparse
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from reprlab.config import PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+README_BENCHMARKS = ("quality", "pretrain", "augment", "extract", "knn", "finetune")
 
 
-def benchmark(*args: str) -> None:
+def benchmark(*args: str) -> str:
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"benchmark.py {args[0]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def test_help_lists_every_benchmark_with_a_description():
+    listing = benchmark("--help")
+    for name in README_BENCHMARKS:
+        assert re.search(rf"^ +{name} +\w", listing, re.MULTILINE), f"{name} not listed with a description"
+    options = benchmark("pretrain", "--help")
+    assert all(option in options for option in ("--configs", "--compile", "--ablate", "--scaling", "--quality-check"))
+
+
+def test_model_step_trains_the_method_on_ready_views(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench.common import throughput
+    from bench.speed_setup import build_reprlab, load_images, make_views, model_step
+
+    args = argparse.Namespace(seed=0, encoder="resnet18", cifar_stem=False, device="cpu", batch_size=4)
+    method, optimizer, scheduler = build_reprlab(args)
+    data = load_images("random", limit=8, seed=0, image_size=16)
+    views = make_views(method.augment, data, 4, torch.device("cpu"), seed=0)  # [(4, 3, 16, 16)] * 2
+    received = []
+    forward_views = method.forward_views
+    monkeypatch.setattr(method, "forward_views", lambda v: received.append(v) or forward_views(v))
+    monkeypatch.setattr(method, "augment", None)  # the timed step must not augment
+    before = [p.detach().clone() for p in method.parameters()]
+    step = model_step(method, optimizer, scheduler, views, "fp32", torch.device("cpu"))
+    stats = throughput(step, 4, warmup=1, steps=1, repeats=1)
+    assert stats["median"] > 0 and len(received) == 2 and all(v is views for v in received)
+    assert torch.isfinite(step())
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters()))  # the optimizer stepped
+
+
+@pytest.mark.slow
+def test_pretrain_benchmark_times_each_part_on_both_sides(tmp_path):
+    out = tmp_path / "pretrain.jsonl"
+    benchmark("pretrain", "--data", "random", "--limit", "64", "--batch-size", "8", "--image-size", "16",
+              "--warmup", "1", "--steps", "1", "--repeats", "1", "--workers", "0", "--configs", "fp32",
+              "--out", str(out))
+    result = json.loads(out.read_text().splitlines()[-1])
+    parts = {(row["framework"], row["config"], row["part"]) for row in result["results"]}
+    assert {("reprlab", "any", "augment"), ("reprlab", "fp32", "model"), ("reprlab", "fp32", "e2e")} <= parts
+    if importlib.util.find_spec("lightly") is not None:  # a benchmark-only extra
+        assert {("lightly", "fp32", "model"), ("lightly", "workers=0", "e2e")} <= parts
+        assert {"augment any", "model fp32", "e2e fp32"} <= set(result["ratios"])
 
 
 @pytest.mark.slow

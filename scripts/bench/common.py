@@ -8,12 +8,13 @@ Claims are ratios taken side by side in one run (shared machines drift: the sgem
 - :func:`forward_flops`: FLOPs of one forward pass per example (``torch.utils.flop_counter``).
 - :class:`PeakMemory`: peak resident memory of this process inside a ``with`` block (CUDA: peak allocated).
 - :func:`tune_glibc_malloc`: keep freed blocks in the heap (fewer page faults per step on Linux CPUs).
-- :func:`print_table`, :func:`append_jsonl`, :func:`environment`: output.
+- :func:`print_table`, :func:`append_jsonl` (strict JSON), :func:`environment`, :func:`log`: output.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from reprlab.hardware import processor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,16 +226,10 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        "processor": processor(),  # model name and the flags that decide precision (avx512_bf16, amx, avx2)
     }
     env["malloc_tuned"] = os.environ.get("REPRLAB_BENCH_MALLOC_TUNED") == "1"
     env["ld_preload"] = os.environ.get("LD_PRELOAD")  # jemalloc / tcmalloc change CPU timings too
-    # bf16 matmuls beat fp32 on a CPU only with AMX tiles; avx512_bf16 alone measured slower here
-    for flag in ("avx512_bf16", "amx_tile"):
-        probe = getattr(torch.cpu, f"_is_{flag}_supported", None)
-        env[f"cpu_{flag}"] = bool(probe()) if probe is not None else None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
     return env
 
 
@@ -257,12 +254,25 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
         print("  ".join(aligned), file=file)
 
 
+def finite(value: Any) -> Any:
+    """``value`` with NaN / inf floats (in nested dicts, lists, tuples) replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> Path:
-    """Append ``record`` as one JSON line to ``path`` (parents created); returns the path."""
+    """Append ``record`` as one strict JSON line to ``path`` (non-finite floats as null, parents created), with
+    the processor it ran on (``reprlab.hardware.processor``); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"processor": processor(), **record}  # every line says which machine it was measured on
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(json.dumps(finite(record), default=str) + "\n")
     return path
 
 

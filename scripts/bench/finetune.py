@@ -1,5 +1,7 @@
-"""Fine-tuning benchmark: every policy at 1% and 10% of the CIFAR-10 labels, from a SimCLR encoder pretrained
-by reprlab, beside the same architecture trained from scratch; test top-1, mean ± std over seeds.
+"""Fine-tuning policies at 1% / 10% of CIFAR-10 labels vs scratch.
+
+Every fine-tuning policy from a SimCLR encoder pretrained by reprlab, beside the same architecture trained
+from scratch; test top-1, mean ± std over seeds.
 
     python scripts/benchmark.py finetune --encoder runs/simclr_cifar10            # the README table
     python scripts/benchmark.py finetune --encoder /tmp/runs/tiny --limit 600 --epochs 1 1 --seeds 0 \
@@ -35,8 +37,7 @@ ROWS = ("linear_probe", "partial", "llrd", "gradual", "lp_ft", "full", "scratch"
 ROW_LABELS = {"scratch": "full, random init (supervised from scratch)"}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmark.py finetune", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", required=True, help="pretraining run, e.g. runs/simclr_cifar10")
     parser.add_argument("--data", default="npz:../shared/data/cifar10", help="dataset (relative to the repo)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1], help="label fractions")
@@ -54,12 +55,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="runs/bench/finetune", help="where the fine-tuning runs go")
     parser.add_argument("--out", default="runs/bench/finetune.jsonl", help="JSON-lines file to append to")
-    args = parser.parse_args(argv)
-    if len(args.epochs) == 1:
-        args.epochs = args.epochs * len(args.fractions)
-    if len(args.epochs) != len(args.fractions):
-        parser.error(f"give one --epochs value per fraction ({len(args.fractions)}), got {args.epochs}")
-    return args
+
+
+def epochs_per_fraction(args: argparse.Namespace) -> list[int]:
+    """--epochs, one value per --fractions entry (a single value applies to all)."""
+    epochs = args.epochs * len(args.fractions) if len(args.epochs) == 1 else args.epochs
+    if len(epochs) != len(args.fractions):
+        raise SystemExit(f"benchmark.py finetune: error: give one --epochs value per fraction "
+                         f"({len(args.fractions)}), got {args.epochs}")
+    return epochs
 
 
 def row_overrides(row: str, args: argparse.Namespace, fraction: float, epochs: int,
@@ -157,8 +161,8 @@ def _limit_test_split(test_limit: int | None) -> None:
     train_module.build_dataset = limited
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv[1:] if argv and argv[0] == "finetune" else argv)
+def main(args: argparse.Namespace) -> int:
+    args.epochs = epochs_per_fraction(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.encoder = str(Path(args.encoder).resolve())  # before chdir: relative to where the command was typed

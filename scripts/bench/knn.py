@@ -1,4 +1,6 @@
-"""kNN classification speed: reprlab (faiss) vs scikit-learn vs plain torch vs lightly, same features.
+"""kNN speed: reprlab (faiss) vs scikit-learn, torch and lightly.
+
+kNN classification of the same features by each, timed end to end and checked to agree.
 
     python scripts/benchmark.py knn                   # 50,000 x 10,000 x 512-d, 10 classes, k=200
     python scripts/benchmark.py knn --scaling         # time against bank size: flat vs IVF vs HNSW (+ recall)
@@ -18,7 +20,6 @@ import argparse
 import importlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import peers
 from bench.common import append_jsonl, environment, log, print_table, sgemm_gflops
 
 DEFAULT_OUT = "benchmarks/results.jsonl"
@@ -97,13 +99,7 @@ def run_torch_reference(bank, bank_labels, queries, args) -> torch.Tensor:
 
 
 def run_lightly(bank, bank_labels, queries, args) -> torch.Tensor:
-    from lightly.utils.benchmarking import knn_predict
-
-    bank_t = bank.T.contiguous()  # (D, N), as lightly's BenchmarkModule stores it
-    predictions = [knn_predict(queries[start : start + args.chunk], bank_t, bank_labels, args.classes,
-                               knn_k=args.k, knn_t=args.temperature)[:, 0]
-                   for start in range(0, queries.shape[0], args.chunk)]
-    return torch.cat(predictions)
+    return peers.lightly_knn(bank, bank_labels, queries, args.classes, args.k, args.temperature, args.chunk)
 
 
 def run_sklearn(bank, bank_labels, queries, args) -> torch.Tensor:
@@ -260,9 +256,7 @@ def run_evaluate_cifar(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python scripts/benchmark.py knn",
-                                     description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", type=int, default=50_000, help="bank (train) features")
     parser.add_argument("--queries", type=int, default=10_000, help="query (test) features")
     parser.add_argument("--dim", type=int, default=512)
@@ -292,11 +286,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="train images, --evaluate-cifar (smoke)")
     parser.add_argument("--evaluate-out", default=None, help="where the evaluate run goes (default: temp)")
     parser.add_argument("--skip-comparison", action="store_true", help="only --scaling / --evaluate-cifar")
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv[1:] if argv and argv[0] == "knn" else argv)
+def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -321,7 +313,3 @@ def main(argv: list[str]) -> int:
     path = append_jsonl(args.out, record)
     log(f"appended one line to {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,7 @@
-"""Quality benchmark: every pretraining method on CIFAR-10 at the same encoder, data and epochs, beside
-``random`` and ``pixels`` and beside lightly's SimCLR, scored by kNN and linear-probe top-1 on CIFAR-10 test.
+"""Pretraining methods vs lightly's SimCLR: CIFAR-10 kNN, probe.
+
+Every pretraining method at the same encoder, data and epochs, beside ``random`` and ``pixels`` and beside
+lightly's SimCLR, scored by kNN and linear-probe top-1 on CIFAR-10 test.
 
     python scripts/benchmark.py quality                       # the README table (hours on a 2-core CPU)
     python scripts/benchmark.py quality --epochs 1 --limit 1000 --eval-limit 1000 --test-limit 500  # smoke
@@ -9,13 +11,13 @@ Each method is trained from its ``configs/pretrain/<method>_cifar10.yaml`` (opti
 parameters) with the encoder, epochs, data and seed overridden to the same values for all (``--batch-size``
 imposes one batch size too; ``--set key=value ...`` overrides config keys of every method). Batch size is a
 method's own choice: SimCLR needs large batches for its negatives, the proxy tasks and autoencoders learn more
-from more optimizer steps. lightly's SimCLR uses lightly's own pieces (``SimCLRTransform`` in DataLoader
-workers, ``SimCLRProjectionHead``, ``NTXentLoss``, two forward passes, as in its examples) with the
-augmentation strengths and temperature of ``simclr_cifar10.yaml``, the same encoder module (normalization
-inside, so lightly's transform does not normalize) and the same optimizer and schedule (reprlab's
-``build_optimization``), so that only the SimCLR implementation differs.
+from more optimizer steps. lightly's SimCLR (bench.peers: ``SimCLRTransform`` in DataLoader workers,
+``SimCLRProjectionHead``, ``NTXentLoss``, two forward passes, as in its examples) takes the view pipeline,
+temperature and head widths of reprlab's SimCLR built from ``simclr_cifar10.yaml``, the same encoder module
+(normalization inside, so lightly's transform does not normalize) and the same optimizer and schedule
+(reprlab's ``build_optimization``), so that only the SimCLR implementation differs.
 
-Evaluation (reprlab.stages.evaluate.evaluate_features): features of the train split (the kNN bank and the
+Evaluation (reprlab.evaluate.suite.evaluate_features): features of the train split (the kNN bank and the
 probe's training set), the validation split (carved from train, for the probe's hyperparameters) and the test
 split; kNN top-1 at fixed k=200, T=0.1 (the CIFAR monitor protocol of InstDisc/MoCo/lightly) and k=20, T=0.07
 (DINO); linear-probe top-1 (reprlab's torch probe, lr and weight decay chosen on val). Wall time is
@@ -39,12 +41,14 @@ from typing import Any
 
 import torch
 
+from bench import peers
+from bench.common import append_jsonl
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_METHODS = ("simclr", "autoencoder", "rotation", "jigsaw", "relative_position")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmark.py quality", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs for every method")
     parser.add_argument("--limit", type=int, default=None,
                         help="pretraining images (stratified subset of the 50k train images; default all)")
@@ -72,7 +76,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", default="runs/bench/quality", help="run directories (replaced)")
     parser.add_argument("--out", default="runs/bench/quality.jsonl", help="JSON-lines file to append to")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
-    return parser.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -116,45 +119,17 @@ def train_reprlab(method: str, args: argparse.Namespace) -> tuple[torch.nn.Modul
     return load_encoder(run_dir), wall, details
 
 
-class _ArrayDataset(torch.utils.data.Dataset):
-    """uint8 (N, C, H, W) tensor -> (transform(PIL image), 0), as lightly's examples feed torchvision data."""
-
-    def __init__(self, images: torch.Tensor, transform) -> None:  # noqa: ANN001 - a lightly transform
-        self.images = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        image = self.images[index]
-        return self.transform(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)), 0
-
-
-class _LightlySimCLR(torch.nn.Module):
-    def __init__(self, encoder: torch.nn.Module, head: torch.nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
 def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dict[str, Any]] | None:
-    """lightly's SimCLR with simclr_cifar10.yaml's augmentation strengths, temperature and optimizer."""
-    try:
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
-        from lightly.transforms import SimCLRTransform
-    except ImportError:
-        print("lightly is not installed: skipping lightly's SimCLR (pip install lightly)", file=sys.stderr)
+    """lightly's SimCLR on reprlab's encoder, with the pipeline, temperature and head widths of reprlab's SimCLR
+    from simclr_cifar10.yaml and its optimizer and schedule."""
+    if not peers.lightly_available():
+        print(peers.LIGHTLY_MISSING, file=sys.stderr)
         return None
     from reprlab import distributed
     from reprlab.data.datasets import load_dataset
     from reprlab.models.encoders import create_encoder
     from reprlab.optim import build_optimization
+    from reprlab.ssl import build_method
     from reprlab.stages.common import seed_everything
 
     cfg = method_config("simclr", args)
@@ -163,45 +138,20 @@ def train_lightly(args: argparse.Namespace) -> tuple[torch.nn.Module, float, dic
     seed_everything(args.seed)
     data = load_dataset(cfg.data.name, val_fraction=cfg.data.val_fraction, limit=cfg.data.limit,
                         seed=args.seed)
-    size = data.train.images.shape[-1]
-    crop_scale = params.get("crop_scale", (0.08, 1.0))
-    if crop_scale[1] != 1.0:
-        raise ValueError(f"lightly's SimCLRTransform crops up to scale 1.0 only; crop_scale is {crop_scale}")
-    transform = SimCLRTransform(
-        input_size=size, cj_prob=params.get("jitter_p", 0.8), cj_strength=params.get("jitter_strength", 1.0),
-        min_scale=crop_scale[0], random_gray_scale=params.get("grayscale_p", 0.2),
-        gaussian_blur=params.get("blur_p", 0.0), hf_prob=params.get("flip_p", 0.5), normalize=None)
-    loader = torch.utils.data.DataLoader(
-        _ArrayDataset(data.train.images, transform), batch_size=batch_size, shuffle=True, drop_last=True,
-        num_workers=args.lightly_workers, persistent_workers=args.lightly_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))
     encoder = create_encoder(cfg.encoder.name, **cfg.encoder.kwargs)
-    dim = encoder.feature_dim
-    head = SimCLRProjectionHead(dim, params.get("hidden_dim") or dim, params.get("projection_dim", 128))
-    model = _LightlySimCLR(encoder, head).to(device)
-    criterion = NTXentLoss(temperature=params.get("temperature", 0.5))
+    with torch.random.fork_rng(devices=[]):  # reprlab's SimCLR for its settings: its head draws no numbers here
+        reference = build_method("simclr", encoder, params)
+    size = reference.augment.size or data.train.images.shape[-1]
+    transform = peers.lightly_transform(reference.augment, size, normalize=False)
+    loader = peers.per_sample_loader(peers.PerSampleViews(data.train.images, None, transform), batch_size,
+                                     args.lightly_workers, seed=args.seed, persistent=True)
+    model, criterion = peers.build_lightly_simclr(encoder, encoder.feature_dim, params.get("hidden_dim"),
+                                                  params.get("projection_dim", 128), reference.temperature)
+    model = model.to(device)
     optimizer, scheduler = build_optimization(cfg.optim, model, batch_size, len(loader), args.epochs)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    start = time.perf_counter()
-    model.train()
-    for epoch in range(args.epochs):
-        total, steps = torch.zeros((), device=device), 0
-        for (view0, view1), _ in loader:
-            view0, view1 = view0.to(device, non_blocking=True), view1.to(device, non_blocking=True)
-            with amp:
-                loss = criterion(model(view0), model(view1))  # lightly's examples: two forward passes
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total, steps = total + loss.detach().float(), steps + 1  # summed on the device: no sync per step
-        if args.progress:
-            mean_loss = float(total) / max(steps, 1)
-            print(f"lightly simclr epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f}", file=sys.stderr)
-    wall = time.perf_counter() - start
-    import lightly
-
-    return encoder.eval(), wall, {"lightly": lightly.__version__, "workers": args.lightly_workers,
+    step = peers.lightly_step(model, criterion, optimizer, device, scheduler, args.precision)
+    wall = peers.train_lightly(model, step, loader, args.epochs, progress=args.progress)
+    return encoder.eval(), wall, {"lightly": peers.lightly_version(), "workers": args.lightly_workers,
                                   "batch_size": batch_size}
 
 
@@ -225,7 +175,7 @@ def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: in
     from reprlab.config import EvaluateConfig, KNNConfig
     from reprlab.evaluate.features import extract_features
     from reprlab.evaluate.knn import knn_classify
-    from reprlab.stages.evaluate import Split, evaluate_features
+    from reprlab.evaluate.suite import Split, evaluate_features
 
     feats = {name: Split(extract_features(encoder, split.images, 512, device), split.labels)
              for name, split in splits.items()}
@@ -251,8 +201,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv[1:] if argv and argv[0] == "quality" else argv)
+def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO_ROOT))
@@ -307,12 +256,5 @@ def main(argv: list[str]) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "rows": rows, "table": table,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(json.dumps(result, default=str) + "\n")
+    append_jsonl(args.out, result)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

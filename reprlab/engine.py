@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from reprlab import checkpoint, distributed
 from reprlab.contracts import BatchSource, Callback, Task
+from reprlab.hardware import resolve_numerics
 from reprlab.loggers import MetricsLoggers
 
 STATE_FILE = "state.pt"
@@ -44,13 +45,12 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per finished epoch (this process)
     resumed_from: tuple[int, int] | None = None  # (epoch, step in epoch) when resumed
     global_step: int = 0
+    numerics: dict[str, Any] = field(default_factory=dict)  # the precision and memory format used, and why
 
 
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; choose from ['bf16', 'fp16', 'fp32']")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -147,14 +147,14 @@ class FitOptions:
     epochs: int
     device: torch.device = torch.device("cpu")
     run_dir: Path | None = None  # state.pt and metrics.jsonl go here; None: nothing is written
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA, with a grad scaler)
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, grad scaler)
     grad_clip: float | None = None
     log_every: int = 20  # steps between metric lines: the only host syncs of the loop
     checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
     resume: bool = True
     identity: dict[str, Any] | None = None
     progress: bool = True
-    channels_last: bool = False
+    channels_last: bool = False  # model and image batches NHWC (auto precision may turn it on for convnets)
     desc: str = "train"
     loggers: tuple[str, ...] = ("jsonl",)  # reprlab.loggers.LOGGERS; jsonl is always on
     hparams: dict[str, Any] = field(default_factory=dict)  # the run's config, logged once
@@ -198,9 +198,14 @@ class _Run:
         self.state_path = options.run_dir / STATE_FILE if options.run_dir is not None else None
         if options.run_dir is not None and distributed.is_main():
             options.run_dir.mkdir(parents=True, exist_ok=True)
+        self.numerics = resolve_numerics(options.precision, options.channels_last, self.device, task)
         task.to(self.device)
+        if self.numerics.channels_last:
+            task.to(memory_format=torch.channels_last)
+        if distributed.is_main() and options.progress:
+            print(f"{options.desc}: {self.numerics.reason}; channels_last {self.numerics.channels_last}")
         self.source = source.to_device(self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.numerics.precision == "fp16")
         self.steps_per_epoch = len(self.source)
         self.total_steps = options.epochs * self.steps_per_epoch
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
@@ -241,8 +246,8 @@ class _Run:
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Forward, backward, (clip,) optimizer and scheduler step; then the task's per-step hook."""
         options, scaler, optimizer = self.options, self.scaler, self.optimizer
-        batch = move_batch(batch, self.device, options.channels_last)
-        with _autocast(self.device, options.precision):
+        batch = move_batch(batch, self.device, self.numerics.channels_last)
+        with _autocast(self.device, self.numerics.precision):
             out = self.model(batch)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -334,7 +339,7 @@ def fit(task: Task, source: BatchSource, optimizer: torch.optim.Optimizer,
     """Train ``task`` for ``options.epochs`` over ``source``, resuming from ``run_dir/state.pt`` when it exists
     (see the module docstring)."""
     with _Run(task, source, optimizer, scheduler, options, callbacks) as run:
-        result = FitResult(epochs_run=0, resumed_from=run.resumed_from)
+        result = FitResult(epochs_run=0, resumed_from=run.resumed_from, numerics=run.numerics.as_dict())
         for epoch in range(run.start_epoch, options.epochs):
             for cb in callbacks:
                 cb.on_epoch_start(epoch)
@@ -360,5 +365,7 @@ def fit(task: Task, source: BatchSource, optimizer: torch.optim.Optimizer,
             if any(cb.stop for cb in callbacks):
                 break
         run.task.eval()
+        if run.numerics.channels_last:  # back to the standard layout for saving and evaluation
+            run.task.to(memory_format=torch.contiguous_format)
         result.global_step = run.global_step
         return result

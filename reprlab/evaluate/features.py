@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from reprlab import distributed
 from reprlab.data.loader import shard as shard_indices
+from reprlab.hardware import native_bf16
 
 
 def _extract(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool) -> Tensor:
@@ -35,14 +36,15 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
                      device: torch.device | str = "cpu", precision: str = "auto", shard: bool = False) -> Tensor:
     """Features (N, D) float32 on the CPU for uint8 (or [0, 1] float) images (N, C, H, W), in input order.
 
-    ``precision="auto"`` uses bf16 autocast on CUDA and fp32 on the CPU. ``shard=True`` under DDP: every rank
-    must call this; each extracts about N / world_size images and all receive the full, ordered result."""
+    ``precision="auto"`` uses bf16 autocast where the device computes bf16 natively (reprlab.hardware), else
+    fp32. ``shard=True`` under DDP: every rank must call this; each extracts about N / world_size images and
+    all receive the full, ordered result."""
     device = torch.device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = encoder.training
     encoder.eval().to(device)
-    use_amp = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    use_amp = precision == "bf16" or (precision == "auto" and native_bf16(device))
     world = distributed.world_size() if shard else 1
     try:
         if len(images) == 0:

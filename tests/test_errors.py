@@ -215,3 +215,179 @@ def test_k_larger_than_the_bank_uses_the_whole_bank(tmp_path):
     whole = evaluate_pixels(tmp_path, k=bank_size)
     top1 = huge["encoders"]["pixels"]["knn_top1"]
     assert math.isfinite(top1) and top1 == whole["encoders"]["pixels"]["knn_top1"]
+
+
+# --------------------------------------------------------------------------------------------- issue 18: one line
+# Every user error: exit code 2, one line on stderr naming the key (or the file and array), no traceback. Before,
+# each of these ended in a traceback, or passed silently (marked "silent").
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["encoder.name=timm:test_resnet", "encoder.kwargs={}", "data.limit=32", "train.batch_size=8", "train.epochs=1",
+        "train.device=cpu", "train.progress=false", "monitor.every_epochs=0", "method.params.projection_dim=8"]
+
+
+def pretrain_args(out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", str(ROOT / "configs/pretrain/simclr_digits.yaml"), "name=run", f"out_dir={out}",
+            *FAST, *extra]
+
+
+def finetune_args(out: Path, *extra: str) -> list[str]:
+    return ["finetune", "name=run", f"out_dir={out}", "arch.name=timm:test_resnet", "data.limit=64",
+            "train.batch_size=8", "train.epochs=1", "train.device=cpu", "train.progress=false", *extra]
+
+
+def evaluate_args(out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "name=run", f"out_dir={out}", "arch.name=timm:test_resnet", "encoders=[random]",
+            "data.limit=64", "device=cpu", "linear_probe=false", "sklearn_probe=false", "report=false",
+            "quality_images=0", "knn.backend=torch", *extra]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    from reprlab.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+UP_FRONT = [  # stage, overrides, what the line names
+    ("pretrain", "method.name=simclr_v9", "unknown method.name 'simclr_v9'; choose from ['simclr'"),
+    ("finetune", "policy.name=nope", "unknown policy.name 'nope'; choose from ['linear_probe'"),
+    ("pretrain", "optim.name=lamb", "unknown optim.name 'lamb'; choose from ['sgd'"),
+    ("pretrain", "optim.schedule=linear", "unknown optim.schedule 'linear'; choose from ['constant'"),
+    ("pretrain", "train.precision=fp8", "unknown train.precision 'fp8'; choose from ['auto'"),
+    ("pretrain", "encoder.name=resnet_18", "encoder.name='resnet_18': not a torchvision classification model"),
+    ("pretrain", "encoder.name=timm:no_such_net", "encoder.name='timm:no_such_net': timm has no model"),
+    ("pretrain", "train.device=gpu", "train.device='gpu': not a device; choose from auto | cpu | cuda"),
+    ("pretrain", "encoder.name=hf:/nonexistent/vit", "encoder.name='hf:/nonexistent/vit': folder '/nonexistent/vit' "
+                                                     "does not exist"),
+    ("pretrain", "train.batch_size=0", "train.batch_size=0: must be >= 1"),
+    ("pretrain", "train.epochs=0", "train.epochs=0: must be >= 1"),
+    ("pretrain", "data.image_size=-32", "data.image_size=-32: must be >= 8"),
+    ("pretrain", "data.image_size=0", "data.image_size=0: must be >= 8"),  # silent: 64 used, config.yaml said 0
+    ("pretrain", "train.batch_size=1", "train.batch_size=1: method 'simclr' needs at least 2"),  # silent: loss 0
+    ("finetune", "labels_per_class=0", "labels_per_class=0: must be >= 1"),  # named label_fraction before
+    ("evaluate", "encoders=[]", "encoders=[]: nothing to evaluate"),
+    ("pretrain", "train.loggers=[tensorbaord]", "unknown logger 'tensorbaord' in train.loggers"),
+    ("finetune", "policy.name=llrd policy.params.decay=2", "policy.params={'decay': 2}: decay must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("stage, override, message", UP_FRONT, ids=[u[1] for u in UP_FRONT])
+def test_settings_checked_before_any_data_loads(tmp_path, capsys, stage, override, message):
+    args = {"pretrain": pretrain_args, "finetune": finetune_args, "evaluate": evaluate_args}[stage]
+    assert message in one_line_error(capsys, args(tmp_path, *override.split()))
+    assert not (tmp_path / "run").exists()  # nothing was claimed, loaded or written
+
+
+def test_the_python_api_gets_the_same_checks(tmp_path):
+    from reprlab.stages.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match=r"^train\.epochs=0: must be >= 1"):
+        pretrain(load_config(PretrainConfig, None, [f"out_dir={tmp_path}", *FAST, "train.epochs=0"]))
+
+
+def write_npz(directory: Path, images_shape: tuple[int, ...], labels, classes: int | None = None) -> str:
+    import numpy as np
+
+    directory.mkdir()
+    arrays = {"images": np.random.default_rng(0).integers(0, 255, images_shape, dtype=np.uint8),
+              "labels": np.asarray(labels)}
+    if classes is not None:
+        arrays["classes"] = np.array([str(c) for c in range(classes)])
+    np.savez(directory / "train.npz", **arrays)
+    return f"data.name=npz:{directory}"
+
+
+def test_a_batch_larger_than_the_dataset(tmp_path, capsys):
+    line = one_line_error(capsys, pretrain_args(tmp_path, "train.batch_size=100000"))
+    assert "train.batch_size=100000: more than the" in line and "use train.batch_size <=" in line
+
+
+def test_npz_images_in_nchw(tmp_path, capsys):
+    data = write_npz(tmp_path / "nchw", (40, 3, 16, 16), [0, 1] * 20)
+    line = one_line_error(capsys, pretrain_args(tmp_path, data))
+    assert "train.npz: 'images' has shape (40, 3, 16, 16), channels first" in line and "transpose(0, 2, 3, 1)" in line
+
+
+@pytest.mark.parametrize("stage", ["finetune", "evaluate"])
+def test_labels_out_of_range(tmp_path, capsys, stage):
+    """Before: "Target 12 is out of bounds" mid fine-tuning; evaluation crashed after writing metrics.json."""
+    data = write_npz(tmp_path / "labels", (40, 8, 8, 3), [i % 13 for i in range(40)], classes=10)
+    args = finetune_args(tmp_path, data) if stage == "finetune" else evaluate_args(tmp_path, data)
+    line = one_line_error(capsys, args)
+    assert "train.npz: label 12 is out of range for its 10 classes" in line
+
+
+@pytest.mark.parametrize("stage", ["finetune", "evaluate"])
+def test_a_single_class_dataset(tmp_path, capsys, stage):
+    """Silent before: fine-tuning loss 0, evaluation 100%."""
+    data = write_npz(tmp_path / "one", (40, 8, 8, 3), [0] * 40)
+    args = finetune_args(tmp_path, data) if stage == "finetune" else evaluate_args(tmp_path, data)
+    line = one_line_error(capsys, args)
+    assert "data.name='npz:" in line and "hold 1 class" in line and "needs at least 2" in line
+
+
+def test_labels_per_class_above_a_class_size(tmp_path, capsys):
+    """Silent before: fewer labels were taken."""
+    line = one_line_error(capsys, finetune_args(tmp_path, "labels_per_class=1000"))
+    assert "labels_per_class=1000: class" in line and "use labels_per_class <=" in line
+
+
+def test_finetune_batch_of_one_with_batchnorm(tmp_path, capsys):
+    line = one_line_error(capsys, finetune_args(tmp_path, "train.batch_size=1", "policy.name=full"))
+    assert "train.batch_size=1: BatchNorm layers that train" in line
+
+
+def test_simclr_batch_of_one_through_the_python_api(tiny_encoder):
+    from reprlab.ssl.simclr import SimCLR
+
+    method = SimCLR(tiny_encoder, projection_dim=4)
+    with pytest.raises(ConfigError, match="train.batch_size: SimCLR got a batch of 1 image"):
+        method.forward_views([torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)])
+
+
+def test_under_torchrun_only_rank_0_prints_and_every_rank_exits_2(tmp_path, capsys, monkeypatch):
+    """Before: 76 lines from both ranks before the one that matters."""
+    from reprlab import cli
+
+    monkeypatch.setattr(cli, "RANK_EXIT_DELAY_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        assert cli.main(pretrain_args(tmp_path, "train.batch_size=9")) == 2
+        err = capsys.readouterr().err
+        if rank == 0:
+            assert err.count("\n") == 1 and "train.batch_size=9: must be divisible by the 2 processes" in err
+        else:
+            assert err == ""
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_job_prints_the_error_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "scripts" / "pretrain.py"), *pretrain_args(tmp_path, "train.batch_size=9")[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "train.batch_size=9" in ours[0]
+    assert "Traceback" not in done.stderr.split(ours[0])[0]  # torchrun's own report follows it
+
+
+def test_exponents_inside_free_form_params_and_lists_are_floats():
+    """YAML 1.1 reads 2e-1 as text: before, method.params.temperature became '2e-1' (a TypeError after loading)."""
+    cfg = load_config(PretrainConfig, None, ["method.params.temperature=2e-1", "encoder.kwargs={drop_rate: 1e-1}"])
+    assert cfg.method.params == {"temperature": 0.2} and cfg.encoder.kwargs == {"drop_rate": 0.1}
+    from reprlab.config import FinetuneConfig
+
+    assert load_config(FinetuneConfig, None, ["policy.params.decay=5e-1"]).policy.params == {"decay": 0.5}
+    cfg = load_config(EvaluateConfig, None, ["probe_lrs=[1e-3, 1E+2]", "knn.temperatures=[7e-2]"])
+    assert list(cfg.probe_lrs) == [1e-3, 100.0] and list(cfg.knn.temperatures) == [0.07]

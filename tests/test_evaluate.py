@@ -202,3 +202,28 @@ def test_bad_settings_fail_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         evaluate(tiny_config(tmp_path, ["pixels"], **override))
     assert not (tmp_path / "eval").exists()
+
+
+def test_few_label_evaluation_banks_only_the_labeled_subset(tmp_path, monkeypatch):
+    """labels_per_class: kNN and the probes see k labels per class; quality still sees every train image."""
+    import reprlab.evaluate.suite as suite
+
+    seen: dict[str, int] = {}
+    original_knn, original_quality = suite.knn_metrics, suite.quality_report
+
+    def knn_metrics(train, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        seen["bank"] = len(train.labels)
+        seen["per_class"] = int(torch.bincount(train.labels).max())
+        return original_knn(train, *args, **kwargs)
+
+    def quality_report(features, **kwargs):  # noqa: ANN001, ANN003
+        seen["quality"] = len(features)
+        return original_quality(features, **kwargs)
+
+    monkeypatch.setattr(suite, "knn_metrics", knn_metrics)
+    monkeypatch.setattr(suite, "quality_report", quality_report)
+    cfg = tiny_config(tmp_path, ["pixels"], labels_per_class=3, sklearn_probe=False, retrieval_ks=[1])
+    summary = json.loads((evaluate(cfg) / "metrics.json").read_text())
+    assert seen["bank"] == 30 and seen["per_class"] == 3 and summary["labeled_train_images"] == 30
+    assert seen["quality"] == summary["num_images"]["train"] > 30
+    assert summary["encoders"]["pixels"]["labeled_train_images"] == 30

@@ -171,13 +171,13 @@ def test_early_stopping_restores_the_best_epoch():
             super().__init__()
             self.classifier, self.epoch = classifier, 0
 
-    class Epochs(Callback):
-        def on_epoch_start(self, epoch: int) -> None:
-            task.epoch = epoch
-
         def forward(self, batch: dict) -> dict:
             target = torch.tensor([[-targets[self.epoch]], [targets[self.epoch]]])  # class 1 iff pixel bright
             return {"loss": ((self.classifier.weight - target) ** 2).sum()}
+
+    class Epochs(Callback):
+        def on_epoch_start(self, epoch: int) -> None:
+            task.epoch = epoch
 
     class Centered(nn.Module):
         def __init__(self) -> None:

@@ -108,3 +108,32 @@ def test_write_report_without_encoders_still_writes_both_files(tmp_path):
                       map_index=label, query_index=label)
     written = write_report(tmp_path, data)
     assert [p.name for p in written] == ["report.md", "report.html"]
+
+
+def test_training_curves_give_each_run_its_own_loss_panel_with_labeled_axes(tmp_path, monkeypatch):
+    """SimCLR's and rotation's losses used to share one unlabeled axis."""
+    import reprlab.evaluate.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    logs = {"SimCLR": [{"epoch": 1, "step": 5, "loss": 6.0}, {"epoch": 1, "event": "epoch_end", "loss": 6.0,
+                                                              "knn_top1": 0.4, "effective_rank": 30.0}],
+            "rotation": [{"epoch": 1, "step": 5, "loss": 1.3}, {"epoch": 1, "event": "epoch_end", "loss": 1.3,
+                                                                "knn_top1": 0.3}]}
+    plot_training_curves(logs, tmp_path / "curves.png")
+    axes = [ax for ax in figures[0].axes if ax.get_visible() and ax.axison]
+    titles = [ax.get_title() for ax in axes]
+    assert titles[:2] == ["SimCLR: training loss", "rotation: training loss"]
+    assert "kNN top-1 on val (monitor)" in titles and "effective rank (monitor)" in titles
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+
+
+def test_image_rows_are_titled(tmp_path, monkeypatch):
+    import reprlab.evaluate.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)]
+    plots.plot_image_rows(rows, ["input", "reconstruction"], tmp_path / "r.png")
+    first_column = figures[0].axes[0::3]
+    assert [ax.get_ylabel() for ax in first_column] == ["input", "reconstruction"]

@@ -213,38 +213,70 @@ def _loss_points(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]]
     return steps, ends
 
 
+def _plot_loss(ax: Any, records: list[dict[str, Any]]) -> None:
+    steps, ends = _loss_points(records)
+    line, = ax.plot(*zip(*steps), lw=1.2, alpha=0.8, label="logged steps")
+    if ends:  # the epoch means, at the epoch's last step
+        ax.plot(*zip(*ends), "o", color=line.get_color(), ms=4, label="epoch mean")
+
+
 def plot_training_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    """Loss per logged step, and the monitors logged at epoch ends (kNN top-1, effective rank), one line per
-    run.
+    """One loss panel per run (the losses of different methods have different scales and units), then the
+    monitors logged at epoch ends (kNN top-1, effective rank) with a line per run, each with labeled axes.
 
     Returns None when no run logged a loss."""
     plt = _pyplot()
-    panels = [("loss", "training loss (dots: epoch means)", "optimizer step")]
-    if any("knn_top1" in r for records in logs.values() for r in records):
-        panels.append(("knn_top1", "kNN top-1 on val (monitor, %)", "epoch"))
-    if any("effective_rank" in r for records in logs.values() for r in records):
-        panels.append(("effective_rank", "effective rank (monitor)", "epoch"))
-    if not any("loss" in r for records in logs.values() for r in records):
+    panels: list[tuple[str, str, str, str]] = [  # (key, run or "", title, y label)
+        ("loss", label, f"{label}: training loss", "loss") for label, records in logs.items()
+        if _loss_points(records)[0]]
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for ax, (key, title, xlabel) in zip(axes[0], panels):
-        for run_label, records in logs.items():
-            if key == "loss":
-                steps, ends = _loss_points(records)
-                if steps:
-                    line, = ax.plot(*zip(*steps), lw=1.2, alpha=0.8, label=run_label)
-                    if ends:  # the epoch means, at the epoch's last step
-                        ax.plot(*zip(*ends), "o", color=line.get_color(), ms=4)
-                continue
-            points = [(r["epoch"], r[key]) for r in records if key in r and "epoch" in r]
-            if points:
-                x, y = zip(*points)
-                y = [100 * v for v in y] if key == "knn_top1" else list(y)
-                ax.plot(x, y, "o-", lw=1.5, ms=4, label=run_label)
-        ax.set_title(title, fontsize=12)
-        ax.set_xlabel(xlabel)
+    if any("knn_top1" in r for records in logs.values() for r in records):
+        panels.append(("knn_top1", "", "kNN top-1 on val (monitor)", "top-1 (%)"))
+    if any("effective_rank" in r for records in logs.values() for r in records):
+        panels.append(("effective_rank", "", "effective rank (monitor)", "effective rank"))
+    nrows, ncols = _grid_shape(len(panels))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
+    for ax, (key, run_label, title, ylabel) in zip(axes.flat, panels):
+        if key == "loss":
+            _plot_loss(ax, logs[run_label])
+            ax.set_xlabel("optimizer step")
+        else:
+            for label, records in logs.items():
+                points = [(r["epoch"], r[key]) for r in records if key in r and "epoch" in r]
+                if points:
+                    x, y = zip(*points)
+                    ax.plot(x, [100 * v for v in y] if key == "knn_top1" else list(y), "o-", lw=1.5, ms=4,
+                            label=label)
+            ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=11)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_image_rows(rows: list[Tensor], titles: list[str], path: Path) -> Path:
+    """Rows of images (each (N, C, H, W) float in [0, 1]), each row titled on its left: e.g. an autoencoder's
+    inputs, corrupted inputs and reconstructions."""
+    plt = _pyplot()
+    count = max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), count, figsize=(1.2 * count + 1.4, 1.3 * len(rows)), squeeze=False)
+    for r, (row, title) in enumerate(zip(rows, titles)):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            image = row[c].detach().float().clamp(0, 1).cpu()
+            shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+            ax.imshow(shown.numpy(), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+        axes[r][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -152,28 +152,59 @@ def read_metrics_log(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _settings_paragraph(summary: dict[str, Any]) -> str:
-    settings = summary.get("settings", {})
-    knn = settings.get("knn", {})
-    sizes = ", ".join(f"{split} {n}" for split, n in summary.get("num_images", {}).items())
-    if knn.get("select_on_val"):
+def _selection_text(summary: dict[str, Any], knn: dict[str, Any], probes: list[str]) -> tuple[str, str, str]:
+    """(what the numbers were read after, the kNN setting, the probes) as they were, not as configured: with no
+    val split, or no test split (then val is reported), nothing is chosen and the probes are skipped."""
+    reported = summary.get("reported_on")
+    first = next(iter(summary.get("encoders", {}).values()), {})  # every encoder had the same splits
+    has_val = summary.get("num_images", {}).get("val", 0) > 0
+    chose = reported == "test" and has_val
+    if chose:
+        read = "read once per encoder after every choice was made on val"
+    elif reported == "val":
+        read = ("read once per encoder; nothing was chosen, as the dataset has no test split and "
+                "data.test_fraction is 0 (val is reported, so it cannot choose too: set data.test_fraction > 0)")
+    else:
+        read = ("read once per encoder; nothing was chosen, as there is no val split (the dataset has none and "
+                "data.val_fraction is 0)")
+    if chose and knn.get("select_on_val") and first.get("knn_selected_on", "val") == "val":
         selection = (f"k and temperature chosen on val from k in {knn.get('ks')} x temperature in "
                      f"{knn.get('temperatures')}")
     else:
-        selection = f"k = {knn.get('k')}, temperature = {knn.get('temperature')}"
+        why = "knn.select_on_val is false" if not knn.get("select_on_val") else "as configured: nothing to choose on"
+        selection = f"k = {knn.get('k')}, temperature = {knn.get('temperature')} ({why})"
+    if probes and not chose:
+        probe_text = ("skipped (val is the reported split: none is left to choose their regularisation on)"
+                      if reported == "val" else "skipped (no val split to choose their regularisation on)")
+    else:
+        probe_text = " and ".join(probes) or "none"
+    return read, selection, probe_text
+
+
+def _settings_paragraph(summary: dict[str, Any]) -> str:
+    settings = summary.get("settings", {})
+    knn = settings.get("knn", {})
+    origin = summary.get("split_origin", {})
+    sizes = ", ".join(f"{split} {n}" + (f" ({origin[split]})" if split in origin and split != "train" else "")
+                      for split, n in summary.get("num_images", {}).items())
     views = summary.get("alignment_views", {})
     augmentation = ", ".join(f"{key} {value}" for key, value in views.items() if key not in ("images", "split"))
     probes = [name for name, key in (("torch (lr x weight decay chosen on val)", "linear_probe"),
                                      ("scikit-learn LogisticRegression (C chosen on val)", "sklearn_probe"))
               if settings.get(key, True)]
+    read, selection, probe_text = _selection_text(summary, knn, probes)
+    few = settings.get("labels_per_class")
+    labeled = (f" Few-label: the kNN and retrieval banks and the probes use {few} labeled train images per class "
+               f"({summary.get('labeled_train_images')} in all); label-free quality uses every train image."
+               if few else "")
     return (f"Dataset `{summary.get('dataset')}` ({sizes} images); numbers on "
-            f"**{summary.get('reported_on')}**, read once per encoder after every choice was made on val. "
+            f"**{summary.get('reported_on')}**, {read}. "
             f"kNN: cosine, votes weighted exp(cos / T), {selection}, backend {knn.get('backend')} "
-            f"({knn.get('index')}). Probes: {' and '.join(probes) or 'none'}. "
+            f"({knn.get('index')}). Probes: {probe_text}. "
             f"Retrieval: {summary.get('reported_on')} queries against "
             f"the train bank. Alignment: two SimCLR views of {views.get('images')} {views.get('split')} "
             f"images (alignment_views: {augmentation}); uniformity, effective rank and std on train "
-            f"features; std x sqrt(D) is 1 for isotropic embeddings, 0 when collapsed.")
+            f"features; std x sqrt(D) is 1 for isotropic embeddings, 0 when collapsed.{labeled}")
 
 
 def write_report(out_dir: str | Path, data: ReportData, map_method: str = "tsne",

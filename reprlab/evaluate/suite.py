@@ -104,8 +104,9 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 def evaluate_features(train: Split, val: Split | None, test: Split | None, cfg: EvaluateConfig,
-                      device: torch.device | str = "cpu") -> EncoderEvaluation:
-    """kNN, retrieval, linear probes and label-free quality of cached features.
+                      device: torch.device | str = "cpu", unlabeled: Tensor | None = None) -> EncoderEvaluation:
+    """kNN, retrieval, linear probes and label-free quality of cached features (the quality of ``unlabeled``
+    train features when given: a few-label evaluation's ``train`` is only its labeled subset).
 
     Selection (kNN grid, probe sweeps) sees only ``train`` and ``val``; ``test`` is used once by each metric,
     with the chosen settings. Without ``test`` the report is on ``val`` and nothing is selected."""
@@ -129,7 +130,8 @@ def evaluate_features(train: Split, val: Split | None, test: Split | None, cfg: 
     if (cfg.linear_probe or cfg.sklearn_probe) and select_val is None:
         metrics["linear_probe_skipped"] = "no validation split to choose the regularisation on"
     with _timed(timings, "quality_s"):
-        quality = quality_report(_subset(train.features, cfg.quality_max_features, cfg.seed), seed=cfg.seed)
+        pool = train.features if unlabeled is None else unlabeled
+        quality = quality_report(_subset(pool, cfg.quality_max_features, cfg.seed), seed=cfg.seed)
         metrics.update(quality=quality, effective_rank=quality["effective_rank"],
                        embedding_std=quality["embedding_std"])
     metrics["timings_s"] = timings

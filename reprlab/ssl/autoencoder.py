@@ -250,19 +250,15 @@ class AutoEncoder(Task):
 
     @torch.no_grad()
     def save_artifacts(self, run_dir: str | Path, images: Tensor, count: int = 8) -> Path:
-        """Write ``reconstructions.png``: rows of inputs, corrupted inputs and reconstructions."""
-        from torchvision.utils import save_image
-
+        """Write ``reconstructions.png``: titled rows of inputs, corrupted inputs and reconstructions."""
         was_training = self.training
         self.eval()
         out = self.reconstruct(images[:count])
         self.train(was_training)
+        from reprlab.evaluate.plots import plot_image_rows
+
         reconstruction = self.to_pixels(out["prediction"].float(), out["target"], out["mask"])
-        rows = [out["target"], out["corrupted"], reconstruction]
-        grid = torch.cat(rows).float().cpu()  # (3 * n, C, H, W)
-        if grid.shape[-1] < 64:  # tiny images (8 px digits): enlarge so the grid is readable
-            scale = math.ceil(64 / grid.shape[-1])
-            grid = nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
-        path = Path(run_dir) / "reconstructions.png"
-        save_image(grid, path, nrow=len(out["target"]), padding=2, pad_value=1.0)
-        return path
+        corrupted = {"plain": "input (no corruption)", "denoising": "noised input",
+                     "masked": "masked input"}[self.mode]
+        return plot_image_rows([out["target"], out["corrupted"], reconstruction],
+                               ["input", corrupted, "reconstruction"], Path(run_dir) / "reconstructions.png")

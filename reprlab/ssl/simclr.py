@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reprlab.config import ConfigError
 from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
@@ -35,6 +36,8 @@ class SimCLR(Task):
     ``forward_views(views)``: ``loss`` and ``acc`` (share of views whose nearest other view is their
     positive). Call ``forward_views`` directly to train or time the model step on ready-made views.
     """
+
+    min_batch_size = 2  # the negatives of an image are the other images of the batch (reprlab.checks reads this)
 
     def __init__(self, encoder: Encoder, augment: ViewAugment | None = None, temperature: float = 0.5,
                  projection_dim: int = 128, hidden_dim: int | None = None, num_layers: int = 2,
@@ -62,4 +65,8 @@ class SimCLR(Task):
         z0, z1 = z.chunk(2)
         # (2n, 2N) logits; the column of each anchor's positive
         logits, positive = nt_xent_logits(z0, z1, self.temperature, gather=self.gather_distributed)
+        if logits.shape[1] < 2 * self.min_batch_size:  # one image: no negative, a constant loss of 0
+            raise ConfigError(f"train.batch_size: SimCLR got a batch of {logits.shape[1] // 2} image over all "
+                              f"processes; it needs at least {self.min_batch_size} (the other images are the "
+                              f"negatives): raise train.batch_size")
         return {"loss": F.cross_entropy(logits, positive), "acc": nt_xent_accuracy(logits, positive)}

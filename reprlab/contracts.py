@@ -27,6 +27,13 @@ class Task(nn.Module):
     #: Under DDP, convert BatchNorm to SyncBatchNorm (statistics over the global batch). Off for a task whose
     #: BatchNorm must stay per-rank (or that has none worth syncing).
     sync_batchnorm: bool = True
+    #: Which network ``encoder.safetensors`` holds, as meta.json says (e.g. "teacher" for DINO).
+    saved_network: str = "encoder"
+
+    def saved_encoder(self) -> nn.Module | None:
+        """The network the stage saves as the run's encoder when it is not the encoder the task was built with
+        (DINO evaluates its EMA teacher); None: that encoder."""
+        return None
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step with the 1-based global step and the run's total step count (an

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
-from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2, check_two_views, paired_views
+from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2
 from reprlab.ssl.losses import barlow_twins_loss
+from reprlab.ssl.multiview import PairedViewTask, check_two_views
 
 
-class BarlowTwins(Task):
+class BarlowTwins(PairedViewTask):
     """Redundancy reduction. Defaults are the paper's ImageNet recipe: projector of ``num_layers`` 3 Linear
     layers, ``hidden_dim`` = ``projection_dim`` = 8192, BatchNorm + ReLU after the hidden ones and none at the
     output; ``lambda_offdiag`` 5e-3 (the paper's; its code uses 0.0051); ``loss_scale`` 1 (solo-learn's CIFAR
@@ -48,9 +48,6 @@ class BarlowTwins(Task):
                                          output_bn=False)
         self.lambda_offdiag, self.loss_scale = lambda_offdiag, loss_scale
         self.gather_distributed = gather_distributed
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.forward_views(paired_views(batch["images"], self.augment, self.augment2))
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """The Barlow Twins loss of two already-augmented float views, each (B, C, H, W)."""

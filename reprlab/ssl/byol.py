@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
 from reprlab.ssl.losses import normalized_mse_loss
 from reprlab.ssl.momentum import cosine_momentum, momentum_copy, update_momentum
+from reprlab.ssl.multiview import PairedViewTask, check_two_views
 
 # BYOL's asymmetric pair (paper Table 6): crop 0.08-1, flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
 # grayscale 0.2; blur p 1.0 / 0.1, solarize p 0 / 0.2. ViewAugment's jitter strength s gives 0.8s for brightness,
@@ -26,20 +26,7 @@ BYOL_AUGMENT = ViewAugment(jitter_strength=0.5, blur_p=1.0, solarize_p=0.0)
 BYOL_AUGMENT2 = ViewAugment(jitter_strength=0.5, blur_p=0.1, solarize_p=0.2)
 
 
-def paired_views(images: Tensor, augment: ViewAugment, augment2: ViewAugment) -> list[Tensor]:
-    """Two float views of a uint8 batch, one from each pipeline, made outside autocast (elementwise ops: reduced
-    precision only slows them down); the first pipeline draws first, so a seed fixes both."""
-    with torch.autocast(images.device.type, enabled=False):
-        return [augment(images), augment2(images)]
-
-
-def check_two_views(views: list[Tensor], method: str) -> None:
-    """One line naming the method when ``forward_views`` gets other than two views."""
-    if len(views) != 2:
-        raise ValueError(f"{method} takes exactly 2 views per image, got {len(views)}")
-
-
-class BYOL(Task):
+class BYOL(PairedViewTask):
     """Bootstrap Your Own Latent. Defaults are the paper's: projector and predictor Linear(4096)-BN-ReLU-Linear(256)
     (``hidden_dim``, ``projection_dim``), target momentum ``base_momentum`` 0.996 -> ``final_momentum`` 1 on the
     cosine schedule per global step, loss ``normalized_mse(p1, z2') + normalized_mse(p2, z1')`` (the symmetric sum,
@@ -75,9 +62,6 @@ class BYOL(Task):
         self.target_encoder = momentum_copy(encoder)
         self.target_projector = momentum_copy(self.projector)
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.forward_views(paired_views(batch["images"], self.augment, self.augment2))
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """BYOL's symmetric loss of two already-augmented float views, each (B, C, H, W)."""

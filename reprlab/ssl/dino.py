@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from reprlab.contracts import Task
 from reprlab.data.views import MultiCrop
 from reprlab.models.encoders import Encoder
 from reprlab.ssl.losses import dino_loss, dino_teacher_temperature, update_center
 from reprlab.ssl.momentum import cosine_momentum, momentum_copy, update_momentum
+from reprlab.ssl.multiview import MultiViewTask
 
 DINO_CROPS = MultiCrop()  # DINO's ImageNet multi-crop: 2 global crops, 8 local crops of 96 px
 
@@ -80,7 +80,7 @@ class DINOHead(nn.Module):
         return F.linear(x, weight)
 
 
-class DINO(Task):
+class DINO(MultiViewTask):
     """Self-distillation with no labels. Defaults are the paper's ViT-S/16 recipe: head ``out_dim`` 65536,
     ``hidden_dim`` 2048, ``bottleneck_dim`` 256, 3 layers, no BatchNorm, ``norm_last_layer``; the last layer
     frozen for ``freeze_last_layer`` (a share of the run's steps; 0.01 = the first of 100 epochs); student
@@ -167,12 +167,6 @@ class DINO(Task):
         self.steps_done, self.total_steps = int(state["steps_done"]), int(state["total_steps"])
 
     # --------------------------------------------------------------------------------------------- forward
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        images = batch["images"]  # (B, C, H, W) uint8 on the device
-        with torch.autocast(images.device.type, enabled=False):  # elementwise ops: bf16 only slows them down
-            views = self.augment.views(images)
-        return self.forward_views(views)
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """DINO's loss over already-augmented float crops, each (B, C, h, w): the 2 global crops first."""

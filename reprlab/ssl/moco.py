@@ -30,9 +30,10 @@ from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
-from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2, check_two_views, paired_views
+from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2
 from reprlab.ssl.losses import infonce_queue_logits, moco_v3_logits, nt_xent_accuracy
 from reprlab.ssl.momentum import cosine_momentum, momentum_copy, update_momentum
+from reprlab.ssl.multiview import MultiViewTask, PairedViewTask, check_two_views
 from reprlab.ssl.queue import MemoryQueue
 
 # MoCo v2's "aug+" (both views): crop 0.2-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 (strength 0.5
@@ -75,7 +76,7 @@ class _MomentumKeys(Task):
         update_momentum(self.projector, self.key_projector, momentum)
 
 
-class MoCoV2(_MomentumKeys):
+class MoCoV2(_MomentumKeys, MultiViewTask):
     """MoCo v2. Defaults are the paper's: projector Linear(``hidden_dim`` 2048)-ReLU-Linear(``projection_dim``
     128) without BatchNorm, InfoNCE at ``temperature`` 0.2 against a queue of ``queue_size`` 65536 keys, key
     momentum 0.999 throughout (``base_momentum`` = ``final_momentum``; different values give a cosine ramp, as
@@ -101,12 +102,6 @@ class MoCoV2(_MomentumKeys):
         self.queue = MemoryQueue(queue_size, projection_dim)
         self.temperature, self.symmetric, self.gather_distributed = temperature, symmetric, gather_distributed
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        images = batch["images"]  # (B, C, H, W) uint8 on the device
-        with torch.autocast(images.device.type, enabled=False):  # elementwise ops: bf16 only slows them down
-            views = self.augment.views(images, n=2)
-        return self.forward_views(views)
-
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """InfoNCE against the queue for two already-augmented float views, each (B, C, H, W); enqueues the keys."""
         check_two_views(views, "MoCo v2")
@@ -124,7 +119,7 @@ class MoCoV2(_MomentumKeys):
         return {"loss": torch.stack(losses).mean(), "acc": torch.stack(hits).mean()}
 
 
-class MoCoV3(_MomentumKeys):
+class MoCoV3(_MomentumKeys, PairedViewTask):
     """MoCo v3. Defaults are the paper's ResNet-50 recipe: projector of 2 layers, predictor of 2 layers, both
     ``hidden_dim`` 4096 wide with output ``projection_dim`` 256, ``temperature`` 1.0, key momentum cosine from
     ``base_momentum`` 0.99 to ``final_momentum`` 1. ``architecture: vit`` gives its ViT heads (a 3-layer projector,
@@ -152,9 +147,6 @@ class MoCoV3(_MomentumKeys):
         self.augment = augment if augment is not None else BYOL_AUGMENT
         self.augment2 = augment2 if augment2 is not None else BYOL_AUGMENT2
         self.architecture, self.gather_distributed = architecture, gather_distributed
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.forward_views(paired_views(batch["images"], self.augment, self.augment2))
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """MoCo v3's symmetric loss of two already-augmented float views, each (B, C, H, W)."""

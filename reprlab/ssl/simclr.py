@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reprlab.config import ConfigError
-from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
 from reprlab.ssl.losses import nt_xent_accuracy, nt_xent_logits
+from reprlab.ssl.multiview import MultiViewTask
 
 
-class SimCLR(Task):
+class SimCLR(MultiViewTask):
     """Contrastive pretraining. ``temperature``: 0.5 suits CIFAR-scale batches (official CIFAR recipe), 0.1
     large ImageNet batches (paper Table 5).
 
@@ -50,12 +50,6 @@ class SimCLR(Task):
                                          output_bn=output_bn)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        images = batch["images"]  # (B, C, H, W) uint8 on the device
-        with torch.autocast(images.device.type, enabled=False):  # elementwise ops: bf16 only slows them down
-            views = self.augment.views(images, n=2)
-        return self.forward_views(views)
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """NT-Xent loss and accuracy of two already-augmented float views, each (B, C, H, W)."""

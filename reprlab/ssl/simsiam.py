@@ -9,19 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
-from reprlab.ssl.byol import check_two_views
 from reprlab.ssl.losses import negative_cosine_loss
+from reprlab.ssl.multiview import MultiViewTask, check_two_views
 
 # SimSiam's views (the MoCo v2 pipeline, paper Sec. 4): crop 0.2-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
 # p 0.8 (jitter strength 0.5 here), grayscale 0.2, blur p 0.5 (set blur_p 0 for 32 px images, as on CIFAR)
 SIMSIAM_AUGMENT = ViewAugment(crop_scale=(0.2, 1.0), jitter_strength=0.5, blur_p=0.5)
 
 
-class SimSiam(Task):
+class SimSiam(MultiViewTask):
     """Simple Siamese learning: loss D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 with D the negative cosine
     (in [-1, 1]); the stop-gradient is inside :func:`~reprlab.ssl.losses.negative_cosine_loss`.
 
@@ -48,12 +47,6 @@ class SimSiam(Task):
         self.projector[-1] = nn.BatchNorm1d(projection_dim, affine=False)  # the reference's output BN
         self.predictor = projection_head(projection_dim, predictor_hidden_dim, projection_dim, num_layers=2,
                                          output_bn=False)
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        images = batch["images"]  # (B, C, H, W) uint8 on the device
-        with torch.autocast(images.device.type, enabled=False):  # elementwise ops: bf16 only slows them down
-            views = self.augment.views(images, n=2)
-        return self.forward_views(views)
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """SimSiam's symmetric loss of two already-augmented float views, each (B, C, H, W)."""

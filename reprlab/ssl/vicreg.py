@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
-from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2, check_two_views, paired_views
+from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2
 from reprlab.ssl.losses import vicreg_terms
+from reprlab.ssl.multiview import PairedViewTask, check_two_views
 
 
-class VICReg(Task):
+class VICReg(PairedViewTask):
     """Variance-Invariance-Covariance Regularization. Defaults are the paper's ImageNet recipe: expander of
     ``num_layers`` 3 Linear layers, ``hidden_dim`` = ``projection_dim`` = 8192, BatchNorm + ReLU after the hidden
     ones and none at the output; weights lambda = ``invariance_weight`` 25, mu = ``variance_weight`` 25,
@@ -53,9 +53,6 @@ class VICReg(Task):
                                          output_bn=False)
         self.invariance_weight, self.variance_weight = invariance_weight, variance_weight
         self.covariance_weight, self.gather_distributed = covariance_weight, gather_distributed
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.forward_views(paired_views(batch["images"], self.augment, self.augment2))
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """VICReg's loss and terms for two already-augmented float views, each (B, C, H, W)."""

@@ -5,6 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from reprlab.checkpoint import CheckpointError, load_encoder, save_encoder
+from reprlab.config import ConfigError
+from reprlab.data.patches import grid_boxes
 from reprlab.models.encoders import PatchPooling, PixelEncoder, create_encoder
 
 
@@ -112,6 +114,31 @@ def test_patch_pooling_averages_the_features_of_the_grid_cells(standardize, tmp_
     assert again.patch_pooling == PatchPooling(3, 8, standardize)
     assert torch.allclose(again(images), encoder(images), atol=1e-6)
     assert "patch_pooling" not in encoder.pool_patches(None).spec
+
+
+def test_grid_boxes_at_jitter_zero_draw_no_random_numbers():
+    state = torch.get_rng_state()
+    boxes = grid_boxes(2, 12, 20, grid=3, gap=0.0, jitter=0.0)  # a non-square image: the region could move
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn: evaluation leaves training's RNG alone
+    assert torch.equal(boxes, grid_boxes(2, 12, 20, grid=3, gap=0.0, jitter=0.0))
+    # the 12 px square region centred in the 20 px width, cut into 4 px cells
+    assert boxes[0, 0].tolist() == [4.0, 0.0, 8.0, 4.0] and boxes[1, -1].tolist() == [12.0, 8.0, 16.0, 12.0]
+    torch.manual_seed(0)
+    jittered = grid_boxes(2, 12, 20, grid=3, gap=0.2, jitter=0.1)  # training still draws region and jitter
+    assert not torch.equal(jittered, grid_boxes(2, 12, 20, grid=3, gap=0.2, jitter=0.1))
+
+
+def test_patch_pooled_features_are_deterministic_on_non_square_images():
+    encoder = create_encoder("timm:test_resnet").eval().pool_patches(PatchPooling(3, 8))
+    images = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(encoder(images), encoder(images))
+
+
+def test_kwargs_an_encoder_does_not_take_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"encoder.kwargs.widht: 'resnet18' \(ResNet\) takes no 'widht'; valid "
+                                          r"kwargs: \['cifar_stem', .*'width_per_group'"):
+        create_encoder("resnet18", widht=4)
 
 
 def test_pixels_baseline():

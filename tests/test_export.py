@@ -177,7 +177,7 @@ def test_hf_export_loads_with_transformers_alone(vit_run, tmp_path):
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.5] * 3 and processor["size"] == {"height": 16, "width": 16}
     manifest = json.loads((folder / "reprlab_export.json").read_text())
-    assert manifest["output"] == "pooler_output (flattened)"  # a ViTModel has a pooler: _HFPooled returns it
+    assert manifest["output"] == "CLS token after the final norm"  # an HF ViT pools its CLS token by default
     images = fixed_images(16)
     out = load_without_reprlab(folder, images, tmp_path / "user")
     np.testing.assert_allclose(out["features"], reference(vit_run, images), rtol=0, atol=1e-5)

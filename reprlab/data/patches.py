@@ -19,20 +19,30 @@ def grid_boxes(batch: int, height: int, width: int, grid: int = 3, gap: float = 
 
     Per image, a square region of side ~ U[region_scale] * min(H, W) is placed uniformly; it is split into
     cells; each tile has side ``(1 - gap) * cell`` and sits at the cell centre moved by U[-jitter, jitter] *
-    cell on each axis (``jitter <= gap / 2`` keeps tiles inside their cells)."""
+    cell on each axis (``jitter <= gap / 2`` keeps tiles inside their cells).
+
+    With ``jitter=0`` and a fixed region scale (low == high) nothing is random: the region is centred and no
+    random number is drawn, so evaluation (an encoder pooling over patches) gives the same boxes on every call,
+    non-square images included, and leaves the global RNG alone."""
     if not 0 <= gap < 1 or not 0 <= jitter <= gap / 2 + 1e-9:
         raise ValueError(f"need 0 <= gap < 1 and 0 <= jitter <= gap / 2, got gap={gap}, jitter={jitter}")
     if not 0 < region_scale[0] <= region_scale[1] <= 1:
         raise ValueError(f"region_scale must satisfy 0 < low <= high <= 1, got {region_scale}")
     low, high = region_scale
-    side = (low + (high - low) * torch.rand(batch, 1, device=device)) * min(height, width)  # (B, 1)
-    top = torch.rand(batch, 1, device=device) * (height - side)  # (B, 1)
-    left = torch.rand(batch, 1, device=device) * (width - side)
+    if jitter == 0 and low == high:  # deterministic: centred region, tiles at the cell centres
+        side = torch.full((batch, 1), low * min(height, width), device=device)  # (B, 1)
+        top, left = (height - side) / 2, (width - side) / 2
+        shift = torch.zeros(batch, grid * grid, 2, device=device)
+    else:  # the draws, in this order, as training runs have always made them
+        side = (low + (high - low) * torch.rand(batch, 1, device=device)) * min(height, width)  # (B, 1)
+        top = torch.rand(batch, 1, device=device) * (height - side)  # (B, 1)
+        left = torch.rand(batch, 1, device=device) * (width - side)
+        unit = (2 * torch.rand(batch, grid * grid, 2, device=device) - 1)  # (B, T, 2)
+        shift = unit * jitter * (side / grid)[..., None]
     cell = side / grid  # (B, 1)
     tile = (1 - gap) * cell
     index = torch.arange(grid * grid, device=device)
     rows, cols = (index // grid).float(), (index % grid).float()  # (T,)
-    shift = (2 * torch.rand(batch, grid * grid, 2, device=device) - 1) * jitter * cell[..., None]  # (B, T, 2)
     y1 = top + rows * cell + (cell - tile) / 2 + shift[..., 0]  # (B, T)
     x1 = left + cols * cell + (cell - tile) / 2 + shift[..., 1]
     return torch.stack([x1, y1, x1 + tile, y1 + tile], dim=-1)  # (B, T, 4)

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from reprlab.export.source import Source, Written
+from reprlab.models import hf
 
 HEAD_ATTRS = ("fc", "head", "heads", "classifier")  # where torchvision models keep the classifier
 
@@ -128,16 +128,6 @@ def write_timm(source: Source, out: Path) -> Written:
 # --- Hugging Face transformers -------------------------------------------------------------------------------
 
 
-def _hf_output(model: nn.Module, size: int) -> tuple[str, str]:
-    """Which output of the transformers model our features are (as `_HFPooled` pools): (code, words)."""
-    with torch.no_grad():
-        out = model(pixel_values=torch.zeros(1, 3, size, size))
-    if getattr(out, "pooler_output", None) is not None:
-        return "model(**inputs).pooler_output.flatten(1)", "pooler_output (flattened)"
-    dims = "1" if out.last_hidden_state.ndim == 3 else "(2, 3)"
-    return f"model(**inputs).last_hidden_state.mean(dim={dims})", f"last_hidden_state averaged over dim {dims}"
-
-
 def write_hf(source: Source, out: Path) -> Written:
     """``save_pretrained`` of the transformers model + a ViTImageProcessor config (our mean/std, the model's
     input size), so ``AutoModel`` + ``AutoImageProcessor`` give our features."""
@@ -152,7 +142,7 @@ def write_hf(source: Source, out: Path) -> Written:
     ViTImageProcessor(do_resize=size is not None, size={"height": size or 224, "width": size or 224},
                       resample=PILImageResampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
                       do_normalize=True, image_mean=source.mean, image_std=source.std).save_pretrained(out)
-    code, words = _hf_output(model, size or source.input_size)
+    code, words = hf.output_code(source.encoder.backbone, size or source.input_size)
     snippet = "\n".join([
         "import torch", "from transformers import AutoImageProcessor, AutoModel", "",
         "model = AutoModel.from_pretrained(folder).eval()",

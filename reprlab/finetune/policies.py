@@ -19,7 +19,8 @@ training cannot run under DistributedDataParallel, which only syncs the paramete
 wrapped the model.
 
 Adding a policy: one subclass overriding :meth:`Policy.trainable` / :meth:`Policy.lr_scale` /
-:meth:`Policy.phase_lr_scale`, and one line in ``POLICIES``.
+:meth:`Policy.phase_lr_scale` (or, for one that adds parameters such as ``lora``, :meth:`Policy.attach` and
+:meth:`Policy.finalize`), and one line in ``POLICIES``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ class Policy(Callback):
     def trainable_group_names(self) -> list[str]:
         """Names of the encoder layer groups that train right now."""
         return [name for name, params in self.groups if any(p.requires_grad for p in params)]
+
+    def finalize(self) -> None:
+        """Called once after training, before the classifier is scored on the test split and saved: a policy
+        that changed the model's structure (LoRA) makes it a plain model again."""
 
     def frozen_modules(self) -> list[nn.Module]:
         """The largest encoder sub-modules whose parameters are all frozen: kept in eval mode while training
@@ -276,6 +281,62 @@ class LPFT(Policy):
         return self.ft_lr_scale if epoch >= self.probe_epochs else 1.0
 
 
+class LoRA(Policy):
+    """LoRA (Hu et al., 2022): the encoder stays frozen; low-rank updates ``(alpha / rank) * B A`` of its
+    ``target_modules`` train with the head, and are merged into the weights by :meth:`finalize`, so the saved
+    classifier needs no peft. Through peft (:mod:`reprlab.finetune.lora`, which gives the default targets per
+    family: ``qkv`` for timm ViTs, ``query`` + ``value`` for HF ViTs, conv LoRA for convnets).
+
+    ``target_modules``: layer names or their last part (e.g. ``[qkv, proj]``). ``dropout``: on the LoRA input.
+    Logs ``trainable_params`` (LoRA only) and ``trainable_fraction`` (of the encoder's own parameters).
+    """
+
+    def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules: list[str] | None = None) -> None:
+        super().__init__()
+        _check_positive_int(rank, "rank")
+        _check_scale(alpha, "alpha")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if target_modules is not None and (isinstance(target_modules, str) or not target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of layer names, got {target_modules!r}")
+        self.rank, self.alpha, self.dropout, self.target_modules = rank, alpha, dropout, target_modules
+        self.encoder_params = 0
+
+    def attach(self, classifier: nn.Module, weight_decay: float, exclude_bn_bias: bool = True) -> list[dict]:
+        from reprlab.finetune.lora import add_lora, resolve_targets
+
+        self.classifier = classifier
+        backbone = classifier.encoder.backbone
+        self.encoder_params = sum(p.numel() for p in classifier.encoder.parameters())
+        targets = resolve_targets(backbone, self.target_modules)
+        lora = add_lora(backbone, self.rank, self.alpha, self.dropout, targets)
+        self.groups = [("lora", lora)]
+        for p in classifier.parameters():
+            p.requires_grad_(True)
+        groups = param_groups(classifier.head, weight_decay, exclude_bn_bias, name="head")
+        groups += param_groups([(f"lora.{i}", p) for i, p in enumerate(lora)], weight_decay, exclude_bn_bias,
+                               name="encoder.lora")
+        self.set_trainable(0)
+        return groups
+
+    def trainable_params(self) -> int:
+        """LoRA parameters (the head aside)."""
+        return sum(p.numel() for _, params in self.groups for p in params)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        count = self.trainable_params()
+        return {"trainable_groups": 1, "trainable_params": count,
+                "trainable_fraction": count / max(self.encoder_params, 1)}
+
+    def finalize(self) -> None:
+        from reprlab.finetune.lora import merge_lora
+
+        assert self.classifier is not None, "call attach() first"
+        merge_lora(self.classifier.encoder.backbone)
+        self.groups = []
+
+
 POLICIES: dict[str, type[Policy]] = {
     "linear_probe": LinearProbe,
     "full": Full,
@@ -283,6 +344,7 @@ POLICIES: dict[str, type[Policy]] = {
     "gradual": Gradual,
     "llrd": LayerwiseLRDecay,
     "lp_ft": LPFT,
+    "lora": LoRA,
 }
 
 

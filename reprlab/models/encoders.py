@@ -7,11 +7,22 @@ freezing policies and layer-wise learning-rate decay. ``encoder.pool_patches(Pat
 an image as the mean of its features over a grid of patches (how encoders of patch-based proxy tasks see images).
 
 Names: ``resnet18`` (any torchvision classification model; ``cifar_stem=True`` for 32 px ResNets),
-``timm:<model>`` (any timm model, classifier removed), ``hf:<hub id or local dir>`` (AutoModel, pooled output).
+``timm:<model>`` (any timm model, classifier removed), ``hf:<hub id or local dir>`` (AutoModel; pooling,
+weight checks and kwargs in :mod:`reprlab.models.hf`). A kwarg the family does not take is a
+:class:`~reprlab.config.ConfigError` naming the valid ones.
+
+Pooling: torchvision models keep their own (global average; ViT: the class token after the final norm).
+timm pools with its ``global_pool`` kwarg at the model's default (ViT, DeiT, DINOv2: ``token``, the CLS token
+after the final norm; convnets: ``avg``), recorded in the spec. HF: ``encoder.kwargs.pooling``, default per
+family (CLS after the final norm for ViT / DeiT / DINOv2 / CLIP, the mean of the patch tokens for ViT-MAE, the
+model's pooler for ConvNeXt / ResNet), recorded in the spec, so ``load_encoder`` rebuilds it.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprlab.config import ConfigError
 from reprlab.data.patches import cut_patches, default_tile_size, grid_boxes, standardize_patches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,6 +184,33 @@ def _group_name(index: int, names: list[str]) -> str:
     return source[0] if source else f"group{index}"
 
 
+# --- kwargs checks -------------------------------------------------------------------------------------------
+
+KWARG_HINTS = {"cifar_stem": "cifar_stem is for torchvision ResNets such as resnet18",
+               "pooling": "timm pools with its global_pool kwarg, e.g. 'token' or 'avg'"}
+
+
+def _build_checked(name: str, kwargs: dict[str, Any], build: Callable[[], nn.Module],
+                   bare: Callable[[], nn.Module], extra: Iterable[str] = ()) -> nn.Module:
+    """``build()``; when it fails on a kwarg the model does not take, a one-line ConfigError naming the valid
+    ones (the init arguments of the class ``bare()`` builds, on the meta device: nothing is allocated)."""
+    try:
+        return build()
+    except TypeError as err:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if not found or found.group(1) not in kwargs:
+            raise
+        with torch.device("meta"):
+            model_class = type(bare())
+        skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        valid = [*extra, *(p for p, v in inspect.signature(model_class.__init__).parameters.items()
+                           if p != "self" and v.kind not in skip)]
+        key = found.group(1)
+        hint = f" ({KWARG_HINTS[key]})" if key in KWARG_HINTS else ""
+        raise ConfigError(f"encoder.kwargs.{key}: {name!r} ({model_class.__name__}) takes no {key!r}{hint}; "
+                          f"valid kwargs: {valid}") from None
+
+
 # --- torchvision ---------------------------------------------------------------------------------------------
 
 
@@ -200,7 +239,8 @@ def _torchvision_encoder(name: str, pretrained: bool, weights: str | None, cifar
     local_file = weights if weights and Path(weights).exists() else None
     if pretrained or (weights and not local_file):
         tv_weights = weights or "DEFAULT"  # torchvision's own download path (e.g. IMAGENET1K_V1)
-    model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
+    model = _build_checked(name, kwargs, lambda: torchvision.models.get_model(name, weights=tv_weights, **kwargs),
+                           lambda: torchvision.models.get_model(name), extra=["cifar_stem"])
     feature_dim = _strip_torchvision_head(model)
     if cifar_stem:
         if not hasattr(model, "conv1") or not hasattr(model, "maxpool"):
@@ -244,7 +284,12 @@ def _timm_encoder(model_name: str, pretrained: bool, weights: str | None, **kwar
         kwargs_create = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}}
     else:
         kwargs_create = {"pretrained": pretrained}
-    model = timm.create_model(model_name, num_classes=0, **kwargs_create, **kwargs)
+    model = _build_checked(f"timm:{model_name}", kwargs,
+                           lambda: timm.create_model(model_name, num_classes=0, **kwargs_create, **kwargs),
+                           lambda: timm.create_model(model_name, num_classes=0))
+    if isinstance(getattr(model, "global_pool", None), str) and "global_pool" in inspect.signature(
+            type(model).__init__).parameters:  # the pooling in the spec: rebuilt the same whatever timm's default
+        kwargs = {**kwargs, "global_pool": model.global_pool}
     cfg = model.pretrained_cfg or {}
     mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     if hasattr(model, "group_matcher"):  # timm's own grouping (also used by its layer-decay optimizers)
@@ -265,58 +310,27 @@ def _timm_encoder(model_name: str, pretrained: bool, weights: str | None, **kwar
 # --- Hugging Face transformers -------------------------------------------------------------------------------
 
 
-class _HFPooled(nn.Module):
-    """pooler_output when the model has one, else the mean of the last hidden state over tokens/positions."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        out = self.model(pixel_values=pixel_values)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is None:
-            hidden = out.last_hidden_state
-            pooled = hidden.mean(dim=1) if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
-        return pooled.flatten(1)
-
-
 def _hf_encoder(model_id: str, pretrained: bool, weights: str | None, hf_config: dict | None = None,
-                **kwargs: Any) -> Encoder:
-    from transformers import AutoConfig, AutoModel
+                pooling: str | None = None, input_size: int | None = None, **kwargs: Any) -> Encoder:
+    """``hf:<hub id or local dir>``: pooling, weight checks and kwargs in :mod:`reprlab.models.hf`."""
+    from reprlab.models import hf
 
-    if hf_config is not None:  # rebuilding from a run's meta.json: no hub access needed
-        config = AutoConfig.for_model(**hf_config)
-        model = AutoModel.from_config(config)
-    elif pretrained:
-        model = AutoModel.from_pretrained(model_id, **kwargs)
-    else:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(model_id, **kwargs))
+    model, pooling = hf.build_model(model_id, pretrained, weights, hf_config, pooling, kwargs)
     config = model.config
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    if hf_config is None:
-        try:
-            from transformers import AutoImageProcessor
-
-            processor = AutoImageProcessor.from_pretrained(model_id)
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        except Exception:  # noqa: BLE001 - no processor saved with the model: use the common ViT convention
-            pass
-    if hf_config is not None and "image_mean" in hf_config.get("_reprlab", {}):
-        mean, std = tuple(hf_config["_reprlab"]["image_mean"]), tuple(hf_config["_reprlab"]["image_std"])
-    feature_dim = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
-    input_size = getattr(config, "image_size", None) if "vit" in config.model_type or "deit" in config.model_type \
-        else None
-    wrapper = _HFPooled(model)
+    mean, std, input_size = hf.image_stats(model_id, config, hf_config, input_size, legacy=pooling == "auto")
+    wrapper = hf.HFPooled(model, pooling)
     if weights:
         load_weights_file(model, weights)
     config_dict = config.to_dict()
     config_dict["_reprlab"] = {"image_mean": list(mean), "image_std": list(std)}
-    spec = {"name": f"hf:{model_id}", "kwargs": {"hf_config": config_dict}}
+    spec_kwargs: dict[str, Any] = {"hf_config": config_dict, "input_size": input_size}
+    if pooling != "auto":  # "auto": a run directory from before pooling was recorded keeps its spec as it was
+        spec_kwargs["pooling"] = pooling
+    spec = {"name": f"hf:{model_id}", "kwargs": spec_kwargs}
     # layers of the trunk: "model.encoder.layer.3." (ViT, transformers 4), "model.layers.3." (5),
     # "model.encoder.stages.1." (ResNet, ConvNeXt); embeddings before, final layernorm / pooler after
     groups = _trunk_groups(wrapper, stem="embeddings", head="head", layer_name="layer{}")
-    return Encoder(wrapper, feature_dim, spec, mean, std, groups, input_size)
+    return Encoder(wrapper, hf.feature_dim(config, pooling), spec, mean, std, groups, input_size)
 
 
 # --- factory -------------------------------------------------------------------------------------------------

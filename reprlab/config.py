@@ -7,6 +7,7 @@ choices. Overrides use dotted paths: ``optim.lr=0.3 train.epochs=5 encoder=runs/
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,15 +25,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which images to use. ``name``: digits | npz:<dir> | folder:<dir> | cifar10 | cifar100 | stl10 | mnist |
-    fashion_mnist."""
+    """Which images to use. ``name``: digits | npz:<dir> | folder:<dir> | list:<file.csv|.txt> | cifar10 |
+    cifar100 | stl10 | mnist | fashion_mnist."""
 
     name: str = "digits"
     root: str = "data"  # where torchvision datasets live (and are downloaded to when download: true)
     download: bool = False
-    val_fraction: float = 0.1  # carved from train, stratified, when the dataset has no val split
+    val_fraction: float = 0.1  # carved from train, stratified, seeded, when the dataset has no val split
+    test_fraction: float = 0.0  # likewise a test split when the dataset has none (0: no test split, said so)
     image_size: int | None = None  # folder datasets are resized to this (default 64); others keep native size
     limit: int | None = None  # keep only the first N training images (stratified), for quick runs
+    stream: bool | str = "auto"  # image files: auto (stream when decoded > memory_limit_gb) | true | false
+    memory_limit_gb: float = 8.0  # decoded size (every split, uint8) above which stream: auto streams; per process
+    workers: int | None = None  # image-decoding processes (null: CPU cores - 1, at most 8; 0: the main process)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 256
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:1
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16 / AMX CPUs; else fp32) | fp32 | bf16 | fp16
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     grad_clip: float | None = None
@@ -99,7 +104,7 @@ class MethodConfig:
     """``name`` picks a pretraining method from reprlab.ssl.METHODS; ``params`` are its keyword arguments."""
 
     name: str = "simclr"
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # e.g. method.params.temperature=0.2 (the methods: `reprlab list`)
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class PolicyConfig:
     """``name`` picks a fine-tuning policy from reprlab.finetune.POLICIES; ``params`` are its arguments."""
 
     name: str = "linear_probe"
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # e.g. policy.params.decay=0.65 for llrd
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ class KNNConfig:
 
     k: int = 20
     temperature: float = 0.07
-    backend: str = "auto"  # auto (faiss; torch for exact search of CUDA features without faiss-GPU) | faiss | torch
+    backend: str = "auto"  # auto (the fastest exact backend, timed on this machine) | faiss | faiss_heap | torch
     index: str = "flat"  # faiss index: flat (exact) | ivf | hnsw (approximate, for banks of millions)
     select_on_val: bool = True
     ks: list = field(default_factory=lambda: [10, 20, 50, 100, 200])
@@ -176,6 +181,9 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     retrieval_ks: list = field(default_factory=lambda: [1, 5, 10])  # precision@k / recall@k; [] disables
+    # few-label evaluation: the kNN bank, retrieval bank and probes see only this many labeled train images per
+    # class (stratified, seeded); label-free quality still uses all train images. null: every train label
+    labels_per_class: int | None = None
     linear_probe: bool = True  # torch probe on cached features, lr x weight decay chosen on val
     probe_lrs: list = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
     probe_weight_decays: list = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])
@@ -227,6 +235,23 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+# what YAML 1.2 reads as a float but PyYAML (YAML 1.1) leaves as text: 1e-5, 2e-1, 1.0e5 (no dot or no sign)
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+")
+
+
+def yaml_floats(value: Any) -> Any:
+    """``value`` with every ``1e-5``-style string inside it (also in nested mappings and lists) made a float:
+    free-form sections (``method.params``, ``policy.params``, ``encoder.kwargs``) and lists have no type that
+    would convert them, and ``temperature: 2e-1`` must not reach a method as the text '2e-1'."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: yaml_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(yaml_floats(v) for v in value)
+    return value
+
+
 def dataclass_in(annotation: Any) -> type | None:
     """The dataclass an annotation names, alone or as ``X | None``; else None."""
     if dataclasses.is_dataclass(annotation):
@@ -272,6 +297,8 @@ def build_dataclass(cls: type[T], raw: Any, where: str, source: str, base: T | N
             values[name] = build_dataclass(section, value, key, source,
                                            default if isinstance(default, section) else None)
             continue
+        if isinstance(value, (dict, list, tuple)):
+            value = yaml_floats(value)
         if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
             # YAML 1.1 reads 1e-5 (no dot) as a string; accept it where a float is expected
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -210,3 +211,245 @@ def test_fit_places_a_stream_for_cuda_without_touching_dataset_memory(labeled_fo
                      FitOptions(epochs=1, device=torch.device("cpu"), progress=False))
     assert asked == [torch.device("cpu")] and result.global_step == len(stream)
     assert task.w.item() != 0  # it trained on the placed stream
+
+
+# ------------------------------------------------------------------------------- formats, streaming from config
+
+
+def test_decoder_applies_exif_and_converts_cmyk_rgba_grey_16bit_bmp_tiff(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from reprlab.data.files import read_image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (6, 9, 3), dtype=np.uint8)
+    expected = torch.from_numpy(rgb).permute(2, 0, 1)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    Image.fromarray(np.dstack([rgb, np.full((6, 9), 7, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).save(tmp_path / "x.bmp")
+    Image.fromarray(rgb).save(tmp_path / "x.tif")
+    for name in ("plain.png", "rgba.png", "x.bmp", "x.tif"):
+        assert torch.equal(read_image(tmp_path / name), expected), name
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    cmyk = read_image(tmp_path / "cmyk.jpg")
+    assert cmyk.shape == (3, 6, 9) and cmyk.dtype == torch.uint8
+    pil = np.array(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))
+    assert torch.equal(cmyk, torch.from_numpy(pil).permute(2, 0, 1))
+    grey16 = (np.arange(54, dtype=np.uint16).reshape(6, 9) * 1200).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    out = read_image(tmp_path / "g16.png")
+    assert out.dtype == torch.uint8 and out.shape == (3, 6, 9) and torch.equal(out[0], out[2])
+    assert torch.equal(out[0], torch.from_numpy(((grey16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    assert read_image(tmp_path / "grey.png").shape == (3, 6, 9)
+    assert read_image(tmp_path / "grey.png", 1).shape == (1, 6, 9)
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    assert read_image(tmp_path / "rotated.jpg").shape == (3, 9, 6)  # as displayed, not as stored
+
+
+def _folder(root: Path, per_class: int = 8) -> Path:
+    for c, name in enumerate(["a", "b"]):
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            write_png(_image(per_class * c + j, 12 + j % 3, 14 - j % 2), str(root / name / f"{j}.png"))
+    return root
+
+
+def test_stream_true_and_auto_give_file_sets_with_the_in_memory_batches(tmp_path: Path) -> None:
+    from reprlab.data.datasets import load_dataset
+    from reprlab.data.files import FileSet
+    from reprlab.stages.common import build_batches
+
+    root = _folder(tmp_path / "imgs")
+    name = f"folder:{root}"
+    memory = load_dataset(name, image_size=8, val_fraction=0.25, test_fraction=0.25, stream=False)
+    streamed = load_dataset(name, image_size=8, val_fraction=0.25, test_fraction=0.25, stream=True)
+    auto = load_dataset(name, image_size=8, val_fraction=0.25, stream="auto", memory_limit_gb=1e-9)
+    assert isinstance(streamed.train, FileSet) and isinstance(auto.train, FileSet) and not memory.streamed
+    assert "streamed from disk" in streamed.summary() and "> data.memory_limit_gb=1e-09" in auto.summary()
+    assert "in memory" in load_dataset(name, image_size=8, stream="auto").summary()
+    for split in ("train", "val", "test"):
+        assert getattr(memory, split).labels.tolist() == getattr(streamed, split).labels.tolist()
+    for world in (1, 2):
+        for rank in range(world):
+            kwargs = dict(shuffle=True, drop_last=True, seed=4, rank=rank, world_size=world)
+            a, b = build_batches(memory.train, 2, **kwargs), build_batches(streamed.train, 2, **kwargs)
+            assert len(a) == len(b)
+            for epoch in (0, 1):
+                for x, y in zip(a.epoch(epoch, 1), b.epoch(epoch, 1)):  # resumed at step 1
+                    assert torch.equal(x["index"], y["index"]) and torch.equal(x["images"], y["images"])
+                    assert torch.equal(x["labels"], y["labels"])
+    with pytest.raises(DatasetError, match="data.stream=true streams image files"):
+        load_dataset("digits", stream=True)
+
+
+def test_ordered_batches_cover_a_split_once_in_order(tmp_path: Path) -> None:
+    from reprlab.data.datasets import load_dataset
+    from reprlab.data.stream import ordered_batches
+
+    name = f"folder:{_folder(tmp_path / 'imgs', 3)}"
+    memory, streamed = (load_dataset(name, image_size=8, val_fraction=0, stream=s) for s in (False, True))
+    a, b = list(ordered_batches(memory.train, 4)), list(ordered_batches(streamed.train, 4))
+    assert [len(x["index"]) for x in a] == [len(x["index"]) for x in b] == [4, 2]
+    assert torch.equal(torch.cat([x["images"] for x in a]), torch.cat([x["images"] for x in b]))
+    assert torch.cat([x["labels"] for x in b]).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_streamed_and_in_memory_pretraining_end_with_the_same_weights(tmp_path: Path, capsys) -> None:
+    """Pretraining from the stream (data.stream=true) and from memory over one small folder: the same batches
+    (order and pixels, checked above), the same monitor, the same final weights and metrics on the CPU."""
+    from safetensors.torch import load_file
+
+    from reprlab.config import PretrainConfig, load_config
+    from reprlab.stages.pretrain import pretrain
+
+    root = _folder(tmp_path / "imgs")
+    runs = {}
+    for stream in ("false", "true"):
+        cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs/pretrain/simclr_digits.yaml", [
+            f"name=s{stream}", f"out_dir={tmp_path}", f"data.name=folder:{root}", "data.image_size=16",
+            f"data.stream={stream}", "data.workers=0", "encoder.name=timm:test_resnet", "encoder.kwargs={}",
+            "train.batch_size=4", "train.epochs=2", "train.device=cpu", "train.progress=false",
+            "monitor.every_epochs=1", "monitor.knn_k=3", "method.params.projection_dim=8"])
+        runs[stream] = pretrain(cfg)
+    out = capsys.readouterr().out
+    assert "train 14 images in 2 classes, val 2 images in 2 classes (0.1 of train, stratified, seed 0)" in out
+    assert "streamed from disk" in out and "in memory" in out
+    a, b = (load_file(str(runs[s] / "encoder.safetensors")) for s in ("false", "true"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def epoch_ends(run: Path) -> list[dict]:  # loss and the monitor's kNN / collapse signals, timings left out
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records if r.get("event")]
+
+    ends = epoch_ends(runs["false"])
+    assert ends == epoch_ends(runs["true"]) and len(ends) == 2 and "knn_top1" in ends[-1]
+
+
+def test_streamed_fine_tuning_matches_in_memory_and_says_there_is_no_test_split(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from reprlab.config import FinetuneConfig, load_config
+    from reprlab.stages.finetune import finetune
+
+    root = _folder(tmp_path / "imgs")
+    runs = {}
+    for stream in ("false", "true"):
+        runs[stream] = finetune(load_config(FinetuneConfig, None, [
+            f"name=f{stream}", f"out_dir={tmp_path}", f"data.name=folder:{root}", "data.image_size=16",
+            f"data.stream={stream}", "data.workers=0", "data.val_fraction=0.25", "arch.name=timm:test_resnet",
+            "arch.kwargs={}", "train.batch_size=4", "train.epochs=2", "train.device=cpu", "train.progress=false"]))
+    metrics = [json.loads((runs[s] / "metrics.json").read_text()) for s in ("false", "true")]
+    assert metrics[0] == metrics[1] and "test_top1" not in metrics[0]
+    assert metrics[0]["test_split"].startswith("none: the dataset has no test split and data.test_fraction is 0")
+    assert capsys.readouterr().out.count("test_top1 not reported: none: the dataset has no test split") == 2
+    weights = [load_file(str(next(runs[s].glob("*.safetensors")))) for s in ("false", "true")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_streamed_evaluation_matches_in_memory_and_the_report_says_what_was_chosen(tmp_path: Path,
+                                                                                  capsys) -> None:
+    """The same metrics from the stream and from memory; with no test split the report says val is reported and
+    nothing was chosen (the probes skipped, k and T as configured), where it used to say "chosen on val"."""
+    from reprlab.config import EvaluateConfig, load_config
+    from reprlab.stages.evaluate import evaluate
+
+    root = _folder(tmp_path / "imgs")
+
+    def run(name: str, *extra: str) -> Path:
+        return evaluate(load_config(EvaluateConfig, None, [
+            f"name={name}", f"out_dir={tmp_path}", f"data.name=folder:{root}", "data.image_size=16",
+            "data.workers=0", "data.val_fraction=0.25", "encoders=[random]", "arch.name=timm:test_resnet",
+            "arch.kwargs={}", "knn.k=3", "knn.ks=[1, 3]", "quality_images=4", "report_map=pca", *extra]))
+
+    def metrics(run_dir: Path) -> dict:
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        for encoder in summary["encoders"].values():
+            encoder.pop("timings_s")
+        return {k: v for k, v in summary.items() if k not in ("settings", "table")}
+
+    memory, streamed = run("m", "data.stream=false", "data.test_fraction=0.25"), run("s", "data.stream=true",
+                                                                                    "data.test_fraction=0.25")
+    assert metrics(memory) == metrics(streamed)
+    assert metrics(memory)["split_origin"]["test"] == "0.25 of train, stratified, seed 0"
+    assert "after every choice was made on val" in (memory / "report.md").read_text()
+    no_test = run("n")
+    summary = json.loads((no_test / "metrics.json").read_text())
+    assert summary["reported_on"] == "val"
+    text = (no_test / "report.md").read_text()
+    assert "after every choice was made on val" not in text and "chosen on val from" not in text
+    assert ("numbers on **val**, read once per encoder; nothing was chosen, as the dataset has no test split and "
+            "data.test_fraction is 0") in text
+    assert "k = 3, temperature = 0.07 (as configured: nothing to choose on)" in text
+    assert "Probes: skipped (val is the reported split: none is left to choose their regularisation on)" in text
+    out = capsys.readouterr().out
+    assert out.count("streamed from disk") == 1 and out.count("in memory") == 2
+
+
+def test_report_text_without_a_val_split_says_nothing_was_chosen() -> None:
+    from reprlab.evaluate.report import _settings_paragraph
+
+    summary = {"dataset": "npz:x", "reported_on": "test", "num_images": {"train": 90, "val": 0, "test": 10},
+               "split_origin": {"val": "the dataset has none and data.val_fraction is 0", "test": "the dataset's"},
+               "settings": {"knn": {"select_on_val": True, "k": 20, "temperature": 0.07, "ks": [10, 20]}},
+               "encoders": {"random": {"knn_selected_on": "defaults (no validation split)"}}}
+    text = _settings_paragraph(summary)
+    assert "val 0 (the dataset has none and data.val_fraction is 0)" in text
+    assert "nothing was chosen, as there is no val split" in text and "chosen on val from" not in text
+    assert "Probes: skipped (no val split to choose their regularisation on)" in text
+    summary["num_images"]["val"], summary["encoders"]["random"]["knn_selected_on"] = 10, "val"
+    assert "k and temperature chosen on val from k in [10, 20]" in _settings_paragraph(summary)
+
+
+def _ddp_features(rank: int, port: int, root: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from reprlab.data.datasets import load_dataset
+    from reprlab.stages.common import build_batches, split_features
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        train = load_dataset(f"folder:{root}", image_size=8, val_fraction=0, stream=True).train  # 7 files
+        features = split_features(torch.nn.Flatten(), train, 2, torch.device("cpu"), shard=True)
+        seen = [b["index"] for b in build_batches(train, 1, shuffle=True, drop_last=False, seed=0, rank=rank,
+                                                   world_size=2).epoch(0)]
+        torch.save({"features": features, "seen": torch.cat(seen)}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_streamed_features_and_batches_under_ddp(tmp_path: Path) -> None:
+    """2 gloo processes: each streams its share, both get every row in order; the training shards are disjoint
+    and equal (7 files: the head is repeated as padding, as DistributedSampler does)."""
+    import socket
+    import sys
+
+    import torch.multiprocessing as mp
+
+    from reprlab.data.datasets import load_dataset
+    from reprlab.stages.common import split_features
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(7):
+        write_png(_image(i, 9, 11), str(root / f"{i}.png"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    top = str(Path(__file__).resolve().parents[1])
+    if top not in sys.path:  # spawned children import this module as tests.test_stream
+        sys.path.insert(0, top)
+    mp.spawn(_ddp_features, args=(port, str(root), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = split_features(torch.nn.Flatten(), load_dataset(f"folder:{root}", image_size=8, val_fraction=0,
+                                                              stream=True).train, 3, torch.device("cpu"))
+    assert single.shape == (7, 3 * 8 * 8)
+    assert all(torch.equal(r["features"], single) for r in ranks)
+    a, b = (set(r["seen"].tolist()) for r in ranks)
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 4 and a | b == set(range(7))

@@ -1,26 +1,32 @@
-"""Datasets as uint8 tensors held in memory: decoded once, augmented later on the training device.
+"""Datasets as uint8 tensors held in memory (decoded once, augmented later on the training device), or, for image
+files larger than ``memory_limit_gb`` decoded, as :class:`~reprlab.data.files.FileSet` splits that are streamed.
 
 Names: ``digits`` (scikit-learn's bundled 8x8 digits, the offline default), ``npz:<dir>`` (train.npz and optional
-val.npz / test.npz with uint8 NHWC ``images``, int ``labels``, ``classes``), ``folder:<dir>`` (class sub-folders are
-labels; a flat folder is unlabeled), and the torchvision datasets ``cifar10``, ``cifar100``, ``stl10``, ``mnist``,
-``fashion_mnist`` (downloaded only when ``download=True``).
+val.npz / test.npz with uint8 NHWC ``images``, int ``labels``, ``classes``), ``folder:<dir>`` (class sub-folders,
+a flat folder, or split folders train/ val/ test/: reprlab.data.files), ``list:<file>`` (a .csv / .txt file
+list), and the torchvision datasets ``cifar10``, ``cifar100``, ``stl10``, ``mnist``, ``fashion_mnist``
+(downloaded only when ``download=True``). Missing val / test splits are carved from train (stratified, seeded).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DatasetError(ValueError):
-    """A dataset name, path or file that cannot be used."""
+from reprlab.data.files import (  # noqa: F401 - DatasetError, IMAGE_SUFFIXES, decode_file, scan_folder: re-exported
+    IMAGE_SUFFIXES,
+    DatasetError,
+    FileSet,
+    decode_all,
+    decode_file,
+    scan_folder,
+    scan_source,
+)
 
 
 @dataclass
@@ -49,16 +55,46 @@ class ImageSet:
         return ImageSet(self.images[index], labels, self.classes)
 
 
+Split = ImageSet | FileSet  # decoded in memory, or image files to stream
+
+
 @dataclass
 class DatasetSplits:
-    train: ImageSet
-    val: ImageSet | None
-    test: ImageSet | None
+    """The splits of a dataset; ``origin`` says where each came from (the dataset, or carved from train),
+    ``unreadable`` lists the files set aside, ``memory`` how the images are held."""
+
+    train: Split
+    val: Split | None
+    test: Split | None
     name: str
+    origin: dict[str, str] = field(default_factory=dict)
+    unreadable: list[Path] = field(default_factory=list)
+    memory: str = "in memory"
 
     @property
     def labeled(self) -> bool:
         return self.train.labels is not None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, FileSet)
+
+    def summary(self) -> str:
+        """One line: images (and classes) per split and where each split came from, unreadable files, memory."""
+        parts = []
+        for split in ("train", "val", "test"):
+            images = getattr(self, split)
+            if images is None:
+                parts.append(f"no {split} split" + (f" ({self.origin[split]})" if split in self.origin else ""))
+                continue
+            classes = "" if images.labels is None else f" in {len(images.labels.unique())} classes"
+            origin = f" ({self.origin[split]})" if split in self.origin and split != "train" else ""
+            parts.append(f"{split} {len(images)} image{'s' * (len(images) != 1)}{classes}{origin}")
+        line = f"{self.name}: " + ", ".join(parts) + ("" if self.labeled else ", unlabeled")
+        if self.unreadable:
+            shown = ", ".join(str(p) for p in self.unreadable[:3]) + (", ..." if len(self.unreadable) > 3 else "")
+            line += f"; {len(self.unreadable)} unreadable file(s) skipped: {shown}"
+        return f"{line}; {self.memory}"
 
 
 def stratified_split(labels: Tensor | None, n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -76,6 +112,36 @@ def stratified_split(labels: Tensor | None, n: int, fraction: float, seed: int) 
         out.append(idx[:n_out])
         keep.append(idx[n_out:])
     return torch.cat(keep).sort().values, torch.cat(out).sort().values
+
+
+def hold_out(split: Split, fractions: dict[str, float], seed: int) -> tuple[Split, dict[str, Split]]:
+    """Carve held-out splits from ``split``: for each ``{name: fraction}`` in order (val, then test),
+    ``max(1, round(fraction * n))`` images of every class of n images (of all images when unlabeled), seeded.
+    The first split is the one :func:`stratified_split` holds out (where it holds out any), so adding a test
+    split leaves val as it was. A class too small for train and every split is an error naming it and the fix."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = split.labels
+    groups = ([torch.arange(len(split))] if labels is None
+              else [(labels == c).nonzero().flatten() for c in labels.unique(sorted=True)])
+    keep: list[Tensor] = []
+    held: dict[str, list[Tensor]] = {name: [] for name in fractions}
+    for group in groups:
+        idx = group[torch.randperm(len(group), generator=generator)]
+        start = 0
+        for name, fraction in fractions.items():
+            take = max(1, int(round(len(idx) * fraction)))
+            held[name].append(idx[start : start + take])
+            start += take
+        if start >= len(idx):
+            cls = int(labels[group[0]]) if labels is not None else None
+            what = "the dataset" if cls is None else (
+                f"class {split.classes[cls] if cls < len(split.classes) else cls!r}")
+            asked = ", ".join(f"data.{name}_fraction={fraction}" for name, fraction in fractions.items())
+            raise DatasetError(f"{what} has {len(idx)} image(s): too few to keep one in train and hold one out for "
+                               f"each of {asked}; add images, or set a fraction to 0 (no such split)")
+        keep.append(idx[start:])
+    return (split.subset(torch.cat(keep).sort().values),
+            {name: split.subset(torch.cat(parts).sort().values) for name, parts in held.items()})
 
 
 def per_class_subset(labels: Tensor, per_class: int | None = None, fraction: float | None = None,
@@ -142,66 +208,22 @@ def _load_npz(directory: Path) -> dict[str, ImageSet]:
                 classes = [str(c) for c in f["classes"]]
             else:
                 classes = [str(c) for c in range(int(labels.max()) + 1)] if labels is not None else []
+            _check_npz_arrays(path, f["images"], labels, classes)
             splits[split] = ImageSet(_nhwc_to_tensor(f["images"]), labels, classes)
     return splits
 
 
-def decode_file(path: str | Path, size: int, channels: int = 3) -> Tensor:
-    """One image file -> uint8 (channels, size, size): shorter side resized to ``size`` (antialiased), then
-    the central square: how both folder loaders prepare images. Raises on unreadable files."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import center_crop, resize
-
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    image = decode_image(str(path), mode=mode)  # (C, H, W) uint8
-    image = resize(image, size, antialias=True)
-    return center_crop(image, [size, size])
-
-
-def _decode_folder_images(paths: list[Path], size: int) -> tuple[Tensor, list[int]]:
-    """Decode and resize image files to (N, 3, size, size) uint8; unreadable files are skipped with a warning."""
-    images, kept, bad = [], [], []
-    for i, path in enumerate(paths):
-        try:
-            images.append(decode_file(path, size))
-        except Exception:  # noqa: BLE001 - any decoder failure means "not an image we can read"
-            bad.append(path)
-            continue
-        kept.append(i)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s), first: {bad[0]}", stacklevel=3)
-    if not images:
-        raise DatasetError(f"no readable images among {len(paths)} file(s) (first: {paths[0] if paths else None})")
-    return torch.stack(images), kept
-
-
-def scan_folder(root: str | Path) -> tuple[list[Path], list[int] | None, list[str]]:
-    """Image files under ``root`` in sorted order: ``(files, labels, classes)``. Class sub-folders (searched
-    recursively) give labels; a flat folder gives ``labels=None`` and no classes. The one folder scan of both
-    the in-memory and the streamed loader."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"image folder {str(root)!r} does not exist")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    labels: list[int] | None = None
-    if subdirs:  # class sub-folders = labels
-        files, labels = [], []
-        for label, sub in enumerate(subdirs):
-            found = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            files += found
-            labels += [label] * len(found)
-    else:
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DatasetError(f"image folder {str(root)!r} holds no image files (looked for {sorted(IMAGE_SUFFIXES)})")
-    return files, labels, [d.name for d in subdirs]
-
-
-def _load_folder(directory: Path, size: int) -> dict[str, ImageSet]:
-    files, labels, classes = scan_folder(directory)
-    images, kept = _decode_folder_images(files, size)
-    label_tensor = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)[kept]
-    return {"train": ImageSet(images, label_tensor, classes)}
+def _check_npz_arrays(path: Path, images: np.ndarray, labels: Tensor | None, classes: list[str]) -> None:
+    """Channels last, and every label a class index: caught here, not as a shape error in the encoder or an
+    out-of-bounds target mid-run."""
+    if images.ndim == 4 and images.shape[-1] not in (1, 3):
+        layout = "channels first (N, C, H, W)" if images.shape[1] in (1, 3) else "not (N, H, W, C) with C 1 or 3"
+        raise DatasetError(f"{path}: 'images' has shape {tuple(images.shape)}, {layout}; store uint8 NHWC "
+                           f"(for NCHW arrays: images.transpose(0, 2, 3, 1))")
+    if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DatasetError(f"{path}: label {bad} is out of range for its {len(classes)} classes (labels index "
+                           f"'classes': 0..{len(classes) - 1}); fix 'labels' or list every class in 'classes'")
 
 
 _TORCHVISION = {
@@ -236,35 +258,107 @@ def _load_torchvision(name: str, root: str, download: bool) -> dict[str, ImageSe
     return splits
 
 
-DATASETS = ("digits", "npz:<dir>", "folder:<dir>", *sorted(_TORCHVISION))
+DATASETS = ("digits", "npz:<dir>", "folder:<dir>", "list:<file>", *sorted(_TORCHVISION))
+STREAM = (True, False, "auto")
+
+
+def _warn_unreadable(paths: list[Path]) -> None:
+    if paths:
+        shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        warnings.warn(f"skipped {len(paths)} unreadable image file(s), first: {shown}", stacklevel=3)
+
+
+def decode_split(files: FileSet, unreadable: list[Path] | None = None) -> ImageSet:
+    """``files`` decoded in memory; the unreadable ones are dropped (added to ``unreadable``; when not given,
+    warned about here)."""
+    images, bad = decode_all(files.files, files.image_size, files.workers)
+    found = [files.files[i] for i in bad]
+    if unreadable is None:
+        _warn_unreadable(found)
+    else:
+        unreadable += found
+    if images is None:
+        if unreadable is not None:
+            _warn_unreadable(unreadable)
+        raise DatasetError(f"no readable images among {len(files)} file(s) (first: {files.files[0]})")
+    kept = torch.ones(len(files), dtype=torch.bool)
+    kept[bad] = False
+    return ImageSet(images, None if files.labels is None else files.labels[kept], files.classes)
+
+
+def _load_files(name: str, size: int, workers: int) -> tuple[dict[str, FileSet], list[Path]]:
+    splits = scan_source(name)
+    unreadable = [f for files in splits.values() for f in files.unreadable]
+    if not len(splits["train"]):
+        _warn_unreadable(unreadable)
+        raise DatasetError(f"no readable images among {len(unreadable)} file(s) (first: {unreadable[0]})")
+    for files in splits.values():
+        files.image_size, files.workers = size, workers
+    return splits, unreadable
+
+
+def _hold_out_missing(splits: dict, val_fraction: float, test_fraction: float, seed: int,
+                      origin: dict[str, str]) -> dict:
+    """Carve val and test from train where the dataset has none (recording where each split came from)."""
+    wanted = {name: f for name, f in (("val", val_fraction), ("test", test_fraction)) if name not in splits}
+    for name, fraction in wanted.items():
+        origin[name] = (f"{fraction:g} of train, stratified, seed {seed}" if fraction > 0 else
+                        f"the dataset has none and data.{name}_fraction is 0")
+    carve = {name: f for name, f in wanted.items() if f > 0}
+    if not carve:
+        return splits
+    train, held = hold_out(splits["train"], carve, seed)
+    return {**splits, "train": train, **held}
 
 
 def load_dataset(name: str, root: str = "data", download: bool = False, val_fraction: float = 0.1,
-                 image_size: int | None = None, limit: int | None = None, seed: int = 0) -> DatasetSplits:
-    """Load a dataset by name into uint8 tensors, carving a stratified validation split from train if needed."""
+                 image_size: int | None = None, limit: int | None = None, seed: int = 0, test_fraction: float = 0.0,
+                 stream: bool | str = "auto", memory_limit_gb: float = 8.0, workers: int = 0) -> DatasetSplits:
+    """Load a dataset by name, carving stratified, seeded val (``val_fraction``) and test (``test_fraction``)
+    splits from train where it has none. Image files (``folder:``, ``list:``) are decoded in memory by
+    ``workers`` processes, or kept as :class:`FileSet` splits to stream when ``stream`` is True, or "auto" and
+    the decoded images would exceed ``memory_limit_gb``."""
+    files = name.startswith(("folder:", "list:"))
+    if stream not in STREAM:
+        raise DatasetError(f"data.stream={stream!r}: choose from auto, true, false")
+    if stream is True and not files:
+        raise DatasetError(f"data.stream=true streams image files (folder:<dir>, list:<file>); {name!r} is loaded "
+                           f"as arrays: use data.stream=auto")
+    unreadable: list[Path] = []
     if name == "digits":
         splits = _load_digits()
     elif name.startswith("npz:"):
         splits = _load_npz(Path(name[4:]).expanduser())
-    elif name.startswith("folder:"):
-        splits = _load_folder(Path(name[7:]).expanduser(), image_size or 64)
+    elif files:
+        splits, unreadable = _load_files(name, image_size or 64, workers)
     elif name in _TORCHVISION:
         splits = _load_torchvision(name, root, download)
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
+    origin = {split: "the dataset's" for split in splits}
+    if name == "digits":
+        origin["test"] = "20% of digits, stratified, seed 12345"
     train = splits["train"]
     if limit is not None and limit < len(train):
         keep, _ = stratified_split(train.labels, len(train), 1 - limit / len(train), seed=seed)
-        train = train.subset(keep)
-    val = splits.get("val")
-    if val is None and val_fraction > 0:
-        keep, held = stratified_split(train.labels, len(train), val_fraction, seed=seed)
-        train, val = train.subset(keep), train.subset(held)
-    if image_size is not None and not name.startswith("folder:"):
-        train, val, test = (_resize(s, image_size) for s in (train, val, splits.get("test")))
-    else:
-        test = splits.get("test")
-    return DatasetSplits(train=train, val=val, test=test, name=name)
+        splits["train"] = train.subset(keep)
+    memory = "in memory"
+    if files:  # decoded before the carving (so val and test hold only readable images), or streamed
+        decoded_gb = sum(len(s) for s in splits.values()) * 3 * splits["train"].image_size ** 2 / 1e9
+        if stream is True or (stream == "auto" and decoded_gb > memory_limit_gb):
+            reason = "data.stream=true" if stream is True else f"> data.memory_limit_gb={memory_limit_gb:g}"
+            memory = (f"streamed from disk ({decoded_gb:.2f} GB decoded, {reason}; files that fail to decode "
+                      f"are skipped and counted as they are met)")
+        else:
+            splits = {split: decode_split(s, unreadable) for split, s in splits.items()}
+            memory = f"in memory ({decoded_gb:.2f} GB)"
+        _warn_unreadable(unreadable)
+    splits = _hold_out_missing(splits, val_fraction, test_fraction, seed, origin)
+    train, val, test = splits["train"], splits.get("val"), splits.get("test")
+    if image_size is not None and not files:
+        train, val, test = (_resize(s, image_size) for s in (train, val, test))
+    return DatasetSplits(train=train, val=val, test=test, name=name, origin=origin, unreadable=unreadable,
+                         memory=memory)
 
 
 def _resize(images: ImageSet | None, size: int) -> ImageSet | None:

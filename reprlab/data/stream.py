@@ -21,33 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from reprlab.data.datasets import decode_file, scan_folder
+from reprlab.data.datasets import ImageSet
+from reprlab.data.files import DecodedFiles, FileSet, collate, scan_folder
 from reprlab.data.loader import epoch_order, steps_per_epoch
-
-
-class _DecodedFiles(torch.utils.data.Dataset):
-    """Item i -> (uint8 image or None when unreadable, i); runs inside the DataLoader workers."""
-
-    def __init__(self, files: Sequence[Path], size: int, channels: int) -> None:
-        self.files, self.size, self.channels = files, size, channels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
-        try:
-            return decode_file(self.files[i], self.size, self.channels), i
-        except Exception:  # noqa: BLE001 - any decoder failure means "not an image we can read"
-            return None, i
-
-
-def _collate(items: list[tuple[Tensor | None, int]]) -> tuple[Tensor | None, Tensor, Tensor]:
-    """-> (images (B', C, S, S) of the readable files or None, their indices (B',), unreadable indices)."""
-    good = [(image, i) for image, i in items if image is not None]
-    bad = torch.tensor([i for image, i in items if image is None], dtype=torch.long)
-    if not good:
-        return None, torch.empty(0, dtype=torch.long), bad
-    return torch.stack([image for image, _ in good]), torch.tensor([i for _, i in good]), bad
 
 
 class FolderBatches:
@@ -77,7 +53,8 @@ class FolderBatches:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.files: list[Path] = found
-        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.int64)
+        self.labels = None if labels is None else torch.as_tensor(
+            labels if isinstance(labels, Tensor) else list(labels), dtype=torch.int64)
         self.classes = list(classes or [])
         self.image_size, self.batch_size = image_size, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -109,9 +86,10 @@ class FolderBatches:
         workers = self.num_workers
         # a whole batch per worker task: one IPC message per batch, collated where it was decoded
         loader = torch.utils.data.DataLoader(
-            _DecodedFiles(self.files, self.image_size, self.channels), batch_sampler=plan,
-            num_workers=workers, collate_fn=_collate, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if workers else None)
+            DecodedFiles(self.files, self.image_size, self.channels), batch_sampler=plan,
+            num_workers=workers, collate_fn=collate, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            generator=torch.Generator())  # its seed draw must not advance the global RNG the augmentations use
         new_bad: list[int] = []
         try:
             for images, index, bad in loader:
@@ -127,4 +105,23 @@ class FolderBatches:
         finally:
             if new_bad:
                 warnings.warn(f"skipped {len(new_bad)} unreadable image file(s) in epoch {epoch}, "
-                              f"first: {self.files[new_bad[0]]}", stacklevel=2)
+                              f"first: {', '.join(str(self.files[i]) for i in new_bad[:3])}"
+                              f"{', ...' if len(new_bad) > 3 else ''}", stacklevel=2)
+
+
+def ordered_batches(split: ImageSet | FileSet, batch_size: int) -> Iterator[dict[str, Tensor]]:
+    """Every image of ``split`` once, in order, as ``{"images", "index", "labels" (when labeled)}`` batches:
+    slices of a decoded split, or a streamed one decoded in its workers (unreadable files left out: ``index``
+    says which images a batch holds). For evaluation (accuracy, features), never shuffled."""
+    if isinstance(split, FileSet):
+        stream = FolderBatches(files=split.files, labels=split.labels, classes=split.classes,
+                               image_size=split.image_size, batch_size=min(batch_size, max(len(split), 1)),
+                               shuffle=False, drop_last=False, num_workers=split.workers)
+        yield from stream.epoch(0)
+        return
+    for start in range(0, len(split), batch_size):
+        batch = {"images": split.images[start : start + batch_size],
+                 "index": torch.arange(start, min(start + batch_size, len(split)))}
+        if split.labels is not None:
+            batch["labels"] = split.labels[start : start + batch_size]
+        yield batch

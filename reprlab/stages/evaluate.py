@@ -19,18 +19,24 @@ from torch import Tensor, nn
 
 from reprlab import distributed, rundir
 from reprlab.checkpoint import CheckpointError, load_encoder, read_meta, write_json
+from reprlab.checks import check_evaluate
 from reprlab.config import EncoderConfig, EvaluateConfig, to_dict
-from reprlab.data.datasets import ImageSet
+from reprlab.data.datasets import ImageSet, per_class_subset
 from reprlab.data.views import ViewAugment
 from reprlab.evaluate.features import cache_key, cached_features, extract_features
-from reprlab.evaluate.knn import BACKENDS, INDEXES, knn_search
-from reprlab.evaluate.plots import MAP_METHODS
+from reprlab.evaluate.knn import knn_search
 from reprlab.evaluate.quality import alignment
 from reprlab.evaluate.retrieval import retrieval_queries
 from reprlab.evaluate.suite import EncoderEvaluation, Split, evaluate_features
 from reprlab.evaluate.tables import TABLE_HEADERS, format_table, table_rows
 from reprlab.models.encoders import PixelEncoder, encoder_from_spec
-from reprlab.stages.common import build_dataset, build_encoder
+from reprlab.stages.common import (
+    build_dataset,
+    build_encoder,
+    check_classes,
+    check_labels_per_class,
+    split_features,
+)
 
 KEYWORDS = ("random", "pixels")
 
@@ -130,9 +136,10 @@ def _features(item: ResolvedEncoder, splits: dict[str, ImageSet | None], cfg: Ev
             continue
         key = cache_key(encoder=item.identity, dataset=cfg.data.name, split=split, n=len(images),
                         image_size=cfg.data.image_size, limit=cfg.data.limit, seed=cfg.seed,
-                        val_fraction=cfg.data.val_fraction)
-        features = cached_features(cache_dir, key, lambda im=images: extract_features(
-            item.encoder, im.images, cfg.batch_size, device, shard=True))
+                        val_fraction=cfg.data.val_fraction,
+                        **({"test_fraction": cfg.data.test_fraction} if cfg.data.test_fraction else {}))
+        features = cached_features(cache_dir, key, lambda im=images: split_features(
+            item.encoder, im, cfg.batch_size, device, shard=True))  # decoded or streamed
         feats[split] = Split(features, images.labels)
     return feats, time.perf_counter() - start
 
@@ -142,19 +149,6 @@ def _report_extras(train: Split, final: Split, query_index: Tensor, map_index: T
     """The small per-encoder pieces the report draws: map points and the retrieval grid's neighbours."""
     sims, idx = knn_search(train.features, final.features[query_index], neighbours, backend=backend)
     return {"map_features": final.features[map_index], "neighbours": idx.cpu(), "neighbour_sims": sims.cpu()}
-
-
-def check_config(cfg: EvaluateConfig) -> None:
-    """Fail before any feature is extracted on a setting that would only fail at the end."""
-    choices = [("knn.backend", cfg.knn.backend, BACKENDS), ("knn.index", cfg.knn.index, INDEXES),
-               ("report_map", cfg.report_map, MAP_METHODS)]
-    for key, value, valid in choices:
-        if value not in valid:
-            raise ValueError(f"unknown {key} {value!r}; choose from {sorted(valid)}")
-    if cfg.knn.backend == "torch" and cfg.knn.index != "flat":
-        raise ValueError(f"knn.index={cfg.knn.index!r} needs knn.backend=faiss (the torch backend is exact)")
-    if cfg.knn.select_on_val and (not cfg.knn.ks or not cfg.knn.temperatures):
-        raise ValueError("knn.select_on_val needs non-empty knn.ks and knn.temperatures")
 
 
 @dataclass
@@ -168,6 +162,7 @@ class _Context:
     query_index: Tensor  # (R,) rows of `final` in the retrieval grid
     cache_dir: Path | None
     device: torch.device
+    labeled_index: Tensor | None = None  # (L,) train rows whose labels are used (labels_per_class), None: all
 
 
 def _evaluate_encoder(item: ResolvedEncoder, ctx: _Context, cfg: EvaluateConfig) -> EncoderEvaluation | None:
@@ -179,7 +174,11 @@ def _evaluate_encoder(item: ResolvedEncoder, ctx: _Context, cfg: EvaluateConfig)
                          for view in ctx.views]
     if not distributed.is_main():
         return None
-    evaluation = evaluate_features(feats["train"], feats["val"], feats["test"], cfg, ctx.device)
+    train, unlabeled = feats["train"], None
+    if ctx.labeled_index is not None:  # few-label: banks and probes see the labeled subset only
+        unlabeled = train.features
+        train = Split(train.features[ctx.labeled_index], train.labels[ctx.labeled_index])
+    evaluation = evaluate_features(train, feats["val"], feats["test"], cfg, ctx.device, unlabeled)
     metrics = evaluation.metrics
     if view_features is not None:
         metrics["alignment"] = metrics["quality"]["alignment"] = alignment(*view_features)
@@ -188,6 +187,8 @@ def _evaluate_encoder(item: ResolvedEncoder, ctx: _Context, cfg: EvaluateConfig)
     final = feats["test"] if feats["test"] is not None else feats["val"]
     evaluation.extras = _report_extras(feats["train"], final, ctx.query_index, ctx.map_index,
                                        cfg.knn.backend)
+    if ctx.labeled_index is not None:  # the retrieval grid's neighbours index the full train split
+        metrics["labeled_train_images"] = len(ctx.labeled_index)
     probe = ""
     if "linear_probe_top1" in metrics:
         probe = f", linear probe top-1 {100 * metrics['linear_probe_top1']:.2f}%"
@@ -215,7 +216,7 @@ def _write_report(run_dir: Path, summary: dict[str, Any], evaluations: dict[str,
 def evaluate(cfg: EvaluateConfig) -> Path:
     """Evaluate every encoder in ``cfg.encoders``; writes ``metrics.json`` (with the settings used), the
     comparison table and ``report.md`` / ``report.html`` with pictures to ``out_dir/name``."""
-    check_config(cfg)
+    check_evaluate(cfg)  # before any data or model: a bad setting fails in one line
     device = distributed.setup(cfg.device)
     with rundir.claim(Path(cfg.out_dir) / cfg.name) as run:
         _evaluate_into(run, cfg, device)
@@ -227,10 +228,13 @@ def _evaluate_into(run: rundir.RunDirectory, cfg: EvaluateConfig, device: torch.
     data = build_dataset(cfg.data, cfg.seed)
     if data.train.labels is None:
         raise ValueError(f"evaluation needs labels; dataset {cfg.data.name!r} has none")
+    check_classes(data.train.labels, cfg.data.name, "evaluation")
+    check_labels_per_class(data.train.labels, cfg.labels_per_class)
     splits = {"train": data.train, "val": _split(data.val), "test": _split(data.test)}
     final = splits["test"] if splits["test"] is not None else splits["val"]
     if final is None:
-        raise ValueError(f"dataset {cfg.data.name!r} has no labeled test split: set data.val_fraction > 0")
+        raise ValueError(f"dataset {cfg.data.name!r} has no labeled val or test split: set data.test_fraction > 0 "
+                         f"(and data.val_fraction > 0 to choose k, T and the probes on val)")
     encoders = resolve_encoders(list(cfg.encoders), cfg.arch, cfg.seed)
     run.write_config(cfg)  # the data and every encoder resolved: the config describes this evaluation
     view_split = "val" if splits["val"] is not None else "train"
@@ -241,7 +245,9 @@ def _evaluate_into(run: rundir.RunDirectory, cfg: EvaluateConfig, device: torch.
     ctx = _Context(splits=splits, final=final, views=views, device=device,
                    map_index=map_order[:cfg.report_points].sort().values,
                    query_index=retrieval_queries(final.labels, 6, cfg.seed),
-                   cache_dir=run_dir / "cache" if cfg.cache_features else None)
+                   cache_dir=run_dir / "cache" if cfg.cache_features else None,
+                   labeled_index=None if cfg.labels_per_class is None else per_class_subset(
+                       data.train.labels, cfg.labels_per_class, seed=cfg.seed))
 
     evaluations = {item.label: _evaluate_encoder(item, ctx, cfg) for item in encoders}
     if not distributed.is_main():
@@ -251,6 +257,8 @@ def _evaluate_into(run: rundir.RunDirectory, cfg: EvaluateConfig, device: torch.
         "dataset": cfg.data.name,
         "reported_on": "test" if splits["test"] is not None else "val",
         "num_images": {split: (0 if images is None else len(images)) for split, images in splits.items()},
+        "split_origin": dict(data.origin),
+        "labeled_train_images": len(splits["train"]) if ctx.labeled_index is None else len(ctx.labeled_index),
         "class_names": list(data.train.classes),
         "alignment_views": {**to_dict(cfg.alignment_views), "images": 0 if views is None else len(views[0]),
                             "split": view_split},

@@ -19,35 +19,50 @@ from torch import nn
 
 from reprlab import distributed, rundir
 from reprlab.checkpoint import load_encoder, write_json
-from reprlab.config import ConfigError, FinetuneConfig, to_dict
+from reprlab.checks import check_finetune
+from reprlab.config import FinetuneConfig, to_dict
 from reprlab.contracts import Callback
-from reprlab.data.datasets import ImageSet, per_class_subset
-from reprlab.data.loader import Batches
+from reprlab.data.datasets import Split, per_class_subset
+from reprlab.data.stream import ordered_batches
 from reprlab.engine import fit
 from reprlab.finetune.classifier import Classifier, save_classifier
 from reprlab.finetune.policies import build_policy
 from reprlab.finetune.task import ClassificationTask
+from reprlab.hardware import processor
 from reprlab.optim import build_optimization
-from reprlab.stages.common import build_dataset, build_encoder, fit_options, seed_everything
+from reprlab.stages.common import (
+    build_batches,
+    build_dataset,
+    build_encoder,
+    check_batchnorm_batch,
+    check_classes,
+    check_labels_per_class,
+    fit_options,
+    seed_everything,
+)
+
+NO_TEST_SPLIT = ("none: the dataset has no test split and data.test_fraction is 0; set data.test_fraction=0.1 "
+                 "to hold one out of train (stratified, seeded)")
 
 
 @torch.inference_mode()
-def accuracy(classifier: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 of ``classifier`` (put in eval mode) on a labeled ImageSet, no augmentation."""
+def accuracy(classifier: nn.Module, data: Split, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 of ``classifier`` (put in eval mode) on a labeled split (decoded or streamed), no augmentation."""
     classifier.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size].to(device).float() / 255  # (B, C, H, W)
+    correct = seen = 0
+    for batch in ordered_batches(data, batch_size):
+        images = batch["images"].to(device).float() / 255  # (B, C, H, W)
         predicted = classifier(images).argmax(1).cpu()
-        correct += (predicted == data.labels[start : start + batch_size]).sum().item()
-    return correct / max(len(data), 1)
+        correct += (predicted == batch["labels"].cpu()).sum().item()
+        seen += len(predicted)
+    return correct / max(seen, 1)
 
 
 class Validation(Callback):
     """Validation top-1 after every epoch; keeps the best weights and stops after ``patience`` epochs without
     improvement (``None``: never stops early). ``restore_best()`` loads the best epoch's weights."""
 
-    def __init__(self, classifier: nn.Module, val: ImageSet, device: torch.device,
+    def __init__(self, classifier: nn.Module, val: Split, device: torch.device,
                  patience: int | None) -> None:
         if patience is not None and patience < 1:
             raise ValueError(f"early_stopping_patience must be >= 1 (epochs) or null, got {patience}")
@@ -81,14 +96,16 @@ def source_encoder(cfg: FinetuneConfig) -> nn.Module:
     return build_encoder(cfg.arch) if cfg.encoder == "random" else load_encoder(cfg.encoder)
 
 
-def load_splits(cfg: FinetuneConfig, seed: int) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+def load_splits(cfg: FinetuneConfig, seed: int) -> tuple[Split, Split, Split | None]:
     """(labeled train subset, validation, test) for one seed: the small-label subset is stratified, seeded."""
     data = build_dataset(cfg.data, seed)
     if not data.labeled or data.val is None:
         missing = "no labels" if not data.labeled else "no validation split (set data.val_fraction > 0)"
         raise ValueError(f"fine-tuning needs a labeled dataset with a validation split; "
                          f"{cfg.data.name!r} has {missing}")
+    check_classes(data.train.labels, cfg.data.name, "fine-tuning")
     train = data.train
+    check_labels_per_class(train.labels, cfg.labels_per_class)
     if cfg.label_fraction is not None or cfg.labels_per_class is not None:
         keep = per_class_subset(train.labels, cfg.labels_per_class, cfg.label_fraction, seed=seed)
         train = train.subset(keep)
@@ -106,18 +123,14 @@ def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path, run: rundir.RunD
     classifier = Classifier(source_encoder(cfg), num_classes, dropout=cfg.head.dropout, init=cfg.head.init)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     groups = policy.attach(classifier, cfg.optim.weight_decay, cfg.optim.exclude_bn_bias)
-    aug = cfg.augment  # the per-image pipeline; its mixup / cutmix alphas mix the batch inside the task
-    if aug.size is not None:  # validation and test read images at the data's size: train at that size too
-        raise ConfigError(f"augment.size={aug.size}: fine-tuning trains and evaluates at the data's own size; "
-                          "set data.image_size instead and leave augment.size null")
+    aug = cfg.augment  # the per-image pipeline (augment.size is null: check_finetune); mixup / cutmix in the task
     task = ClassificationTask(classifier, policy, num_classes, aug, cfg.label_smoothing, aug.mixup_alpha,
                               aug.cutmix_alpha, cfg.l1_penalty)
-    if cfg.train.channels_last:
-        classifier.to(memory_format=torch.channels_last)
     world = distributed.world_size()
     batch_size = min(cfg.train.batch_size // world, len(train) // world)
-    batches = Batches(train, batch_size, shuffle=True, drop_last=True, seed=seed,
-                      rank=distributed.rank(), world_size=world)
+    check_batchnorm_batch(classifier, groups, batch_size, cfg.train.batch_size, world)
+    batches = build_batches(train, batch_size, shuffle=True, drop_last=True, seed=seed,
+                            rank=distributed.rank(), world_size=world)  # streamed or in memory
     optimizer, scheduler = build_optimization(cfg.optim, task, batch_size * world, len(batches),
                                               cfg.train.epochs, groups=groups)
     policy.bind(optimizer, scheduler)
@@ -127,6 +140,7 @@ def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path, run: rundir.RunD
     run.write_config(cfg)  # everything was built from it: it describes this run's weights
     result = fit(task, batches, optimizer, scheduler, options, callbacks=[policy, validation])
     validation.restore_best()
+    policy.finalize()  # LoRA merges its adapters: the saved classifier is a plain model
     metrics: dict[str, Any] = {
         "seed": seed, "val_top1": validation.best, "best_epoch": validation.best_epoch + 1,
         "epochs_run": (result.resumed_from[0] if result.resumed_from else 0) + result.epochs_run,
@@ -134,10 +148,15 @@ def finetune_one(cfg: FinetuneConfig, seed: int, run_dir: Path, run: rundir.RunD
     }
     if test is not None:  # read once, with the weights selected on validation
         metrics["test_top1"] = accuracy(classifier, test, device)
+    else:  # said in metrics.json and on the console, not left for the reader to notice
+        metrics["test_split"] = NO_TEST_SPLIT
+        if distributed.is_main():
+            print(f"{cfg.data.name}: test_top1 not reported: {NO_TEST_SPLIT}", flush=True)
     if distributed.is_main():
         save_classifier(run_dir, classifier, train.classes,
                         {"policy": cfg.policy.name, "dataset": cfg.data.name, "config": to_dict(cfg),
-                         "metrics": metrics, "source_encoder": cfg.encoder})
+                         "metrics": metrics, "source_encoder": cfg.encoder, "numerics": result.numerics,
+                         "processor": processor()})
         write_json(run_dir / "metrics.json", metrics)
     return metrics
 
@@ -150,9 +169,8 @@ def summarize(values: list[float]) -> dict[str, float]:
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune once per seed in ``cfg.seeds``. One seed writes the run into ``out_dir/name``; several write
     ``out_dir/name/seed<k>/`` each and a ``metrics.json`` with every run and the mean and std."""
+    check_finetune(cfg)  # before any data or model: a bad setting fails in one line
     seeds = list(cfg.seeds)
-    if not seeds:
-        raise ValueError("seeds is empty; give at least one, e.g. seeds: [0]")
     with rundir.claim(Path(cfg.out_dir) / cfg.name) as run:
         if cfg.train.resume:
             run.check_resume(cfg)
@@ -164,6 +182,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
         for key in ("val_top1", "test_top1"):
             if all(key in r for r in runs):
                 summary[key] = summarize([r[key] for r in runs])
+        if "test_split" in runs[0]:
+            summary["test_split"] = runs[0]["test_split"]
         if distributed.is_main():
             write_json(run.path / "metrics.json", summary)
             shown = {k: v for k, v in summary.items() if isinstance(v, dict)}

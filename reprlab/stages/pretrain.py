@@ -9,15 +9,24 @@ import torch
 
 from reprlab import distributed, rundir
 from reprlab.checkpoint import save_encoder
+from reprlab.checks import check_pretrain
 from reprlab.config import PretrainConfig, to_dict
 from reprlab.contracts import Callback
-from reprlab.data.datasets import ImageSet
-from reprlab.data.loader import Batches
+from reprlab.data.datasets import ImageSet, Split
 from reprlab.engine import fit
 from reprlab.evaluate.features import extract_features
+from reprlab.hardware import processor
 from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
-from reprlab.stages.common import build_dataset, build_encoder, fit_options, seed_everything
+from reprlab.stages.common import (
+    build_batches,
+    build_dataset,
+    build_encoder,
+    check_batch_fits,
+    fit_options,
+    in_memory,
+    seed_everything,
+)
 
 
 class Monitor(Callback):
@@ -44,7 +53,7 @@ class Monitor(Callback):
         return metrics
 
 
-def _monitor_bank(train: ImageSet, max_images: int) -> ImageSet:
+def _monitor_bank(train: Split, max_images: int) -> Split:
     """The monitor's kNN bank: a fixed random subset of at most ``max_images`` training images."""
     if len(train) <= max_images:
         return train
@@ -54,6 +63,7 @@ def _monitor_bank(train: ImageSet, max_images: int) -> ImageSet:
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run self-supervised pretraining; returns the run directory (``cfg.out_dir/cfg.name``)."""
+    check_pretrain(cfg)  # before any process group, data or model: a bad setting fails in one line
     device = distributed.setup(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     seed_everything(cfg.train.seed + rank)  # each rank draws its own augmentations
@@ -61,19 +71,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if cfg.train.resume:
             run.check_resume(cfg)
         data = build_dataset(cfg.data, cfg.train.seed)
+        check_batch_fits(cfg.train.batch_size, len(data.train), world, cfg.data.name)
         encoder = build_encoder(cfg.encoder)
         method = build_method(cfg.method.name, encoder, cfg.method.params)
-        if cfg.train.channels_last:
-            method.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             encoder.backbone.compile()
-        if cfg.train.batch_size % world:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
-        batches = Batches(data.train, cfg.train.batch_size // world, shuffle=True, drop_last=True,
-                          seed=cfg.train.seed, rank=rank, world_size=world)
+        batches = build_batches(data.train, cfg.train.batch_size // world, shuffle=True, drop_last=True,
+                                seed=cfg.train.seed, rank=rank, world_size=world)  # streamed or in memory
         optimizer, scheduler = build_optimization(cfg.optim, method, cfg.train.batch_size, len(batches),
                                                   cfg.train.epochs)
-        monitor = Monitor(encoder, _monitor_bank(data.train, cfg.monitor.max_images), data.val,
+        bank = in_memory(_monitor_bank(data.train, cfg.monitor.max_images))  # streamed: decoded once
+        monitor = Monitor(encoder, bank, in_memory(data.val, cfg.monitor.max_images),
                           cfg.monitor.every_epochs, cfg.monitor.knn_k, cfg.monitor.knn_temperature, device,
                           batch_size=512)
         run.write_config(cfg)  # everything was built from it: it describes this run's weights
@@ -83,8 +91,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                      fit_options(cfg.train, device, run.path, identity, "pretrain", to_dict(cfg)), callbacks=[monitor])
         if distributed.is_main():
             final: dict[str, Any] = result.history[-1] if result.history else {}
-            save_encoder(run.path, encoder, {"method": cfg.method.name, "dataset": cfg.data.name,
-                                             "config": to_dict(cfg), "metrics": final})
+            save_encoder(run.path, method.saved_encoder() or encoder, {
+                "method": cfg.method.name, "dataset": cfg.data.name, "config": to_dict(cfg), "metrics": final,
+                "saved_network": method.saved_network, "numerics": result.numerics, "processor": processor()})
             method.save_artifacts(run.path, next(iter(batches.epoch(0)))["images"][:32].to(device))
         distributed.barrier()
     return run.path

@@ -1,8 +1,15 @@
 """Shared test setup."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # test modules import shared helpers as tests.<name> (spawned ranks import them so too)
+    sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,6 +32,7 @@ from reprlab.evaluate.features import extract_features
 from reprlab.models.encoders import Encoder
 from reprlab.ssl.losses import nt_xent_loss
 from reprlab.ssl.simclr import SimCLR
+from tests.gloo import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -176,31 +174,14 @@ def _engine(rank: int, run_dir: str) -> dict:
             "resumed_from": resumed.resumed_from, "steps": len(batches)}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {"equivalence": _equivalence(rank), "features": _features(rank),
-                   "engine": _engine(rank, str(Path(out_dir) / "run"))}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, run_dir: str) -> dict:
+    return {"equivalence": _equivalence(rank), "features": _features(rank), "engine": _engine(rank, run_dir)}
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> tuple[list[dict], Path]:
     out = tmp_path_factory.mktemp("ddp")
-    if str(ROOT) not in sys.path:  # spawned children import this module as tests.test_distributed
-        sys.path.insert(0, str(ROOT))
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], out / "run"
+    return run_on_ranks(_worker, out, str(out / "run"), world=WORLD), out / "run"
 
 
 # --------------------------------------------------------------------------------------------- tests

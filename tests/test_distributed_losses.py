@@ -12,23 +12,16 @@ covers DDP with these same collectives.
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from reprlab import distributed
 from reprlab.ssl.losses import barlow_twins_loss, moco_v3_loss, update_center, vicreg_loss
 from reprlab.ssl.momentum import momentum_copy
 from reprlab.ssl.queue import MemoryQueue
+from tests.gloo import run_on_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 GLOBAL_BATCH = 8
 LOSSES = ("moco_v3", "barlow_twins", "vicreg")
@@ -85,48 +78,33 @@ def average_gradients(module: nn.Module) -> None:
             p.grad = distributed.all_reduce_mean(p.grad)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        n = GLOBAL_BATCH // WORLD
-        local = slice(rank * n, (rank + 1) * n)
-        view0, view1 = fixed_views()
-        out: dict = {}
-        for loss in LOSSES:
-            for gather in (True, False):
-                model = TwoViews(loss, gather)
-                value = model(view0[local], view1[local])
-                value.backward()
-                average_gradients(model)
-                out[f"{loss}/{gather}"] = {"loss": distributed.all_reduce_mean(value.detach()), "grads": grads(model)}
-        queue = MemoryQueue(size=6, dim=2)
-        for step in range(2):  # rank r's keys at step s are filled with 100 * s + 10 * r + i
-            keys = (100 * step + 10 * rank + torch.arange(n - 1.0))[:, None].repeat(1, 2)  # 3 keys per rank
-            queue.enqueue(keys)
-        out["queue"] = {"queue": queue.queue.clone(), "pointer": queue.pointer.clone()}
-        center = torch.ones(3, dtype=torch.float64)
-        update_center(center, [t[local] for t in teacher_outputs()], momentum=0.9)
-        out["center"] = center
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int) -> dict:
+    n = GLOBAL_BATCH // WORLD
+    local = slice(rank * n, (rank + 1) * n)
+    view0, view1 = fixed_views()
+    out: dict = {}
+    for loss in LOSSES:
+        for gather in (True, False):
+            model = TwoViews(loss, gather)
+            value = model(view0[local], view1[local])
+            value.backward()
+            average_gradients(model)
+            out[f"{loss}/{gather}"] = {"loss": distributed.all_reduce_mean(value.detach()), "grads": grads(model)}
+    queue = MemoryQueue(size=6, dim=2)
+    for step in range(2):  # rank r's keys at step s are filled with 100 * s + 10 * r + i
+        keys = (100 * step + 10 * rank + torch.arange(n - 1.0))[:, None].repeat(1, 2)  # 3 keys per rank
+        queue.enqueue(keys)
+    out["queue"] = {"queue": queue.queue.clone(), "pointer": queue.pointer.clone()}
+    center = torch.ones(3, dtype=torch.float64)
+    update_center(center, [t[local] for t in teacher_outputs()], momentum=0.9)
+    out["center"] = center
+    return out
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_losses")
-    if str(ROOT) not in sys.path:  # spawned children import this module as tests.test_distributed_losses
-        sys.path.insert(0, str(ROOT))
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_worker, out, world=WORLD)
 
 
 # --------------------------------------------------------------------------------------------- tests

@@ -10,15 +10,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,8 +28,8 @@ from reprlab.models.encoders import Encoder, create_encoder
 from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
 from reprlab.ssl.byol import BYOL, BYOL_AUGMENT, BYOL_AUGMENT2
+from tests.gloo import run_on_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 MOMENTUM = ("byol", "moco_v2", "moco_v3")  # the methods with a target network
 TARGET = {"byol": ("target_encoder", "target_projector"), "moco_v2": ("key_encoder", "key_projector"),
@@ -351,32 +346,16 @@ def moco_v3_step(views: list[Tensor], gather: bool = True) -> dict:
             "grads": grads}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        n = GLOBAL_BATCH // WORLD
-        local = [view[rank * n:(rank + 1) * n] for view in fixed_views(GLOBAL_BATCH)]
-        torch.save({"gather": moco_v3_step(local), "no_gather": moco_v3_step(local, gather=False)},
-                   Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int) -> dict:
+    n = GLOBAL_BATCH // WORLD
+    local = [view[rank * n:(rank + 1) * n] for view in fixed_views(GLOBAL_BATCH)]
+    return {"gather": moco_v3_step(local), "no_gather": moco_v3_step(local, gather=False)}
 
 
 def test_moco_v3_two_ranks_equal_one_process_loss_and_gradients(tmp_path):
     """The method-level check (the loss alone: test_distributed_losses.py): SyncBatchNorm on both networks and
     keys gathered from every rank make 2 x 4 images the single process's 8, to float32 rounding."""
-    if str(ROOT) not in sys.path:  # spawned children import this module as tests.test_momentum_methods
-        sys.path.insert(0, str(ROOT))
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    results = run_on_ranks(_worker, tmp_path, world=WORLD)
     reference = moco_v3_step(fixed_views(GLOBAL_BATCH))
     assert len(reference["grads"]) > 10
     for result in results:

@@ -11,15 +11,9 @@ only in summation order. Gradients are averaged by an all-reduce, DDP's rule, wi
 from __future__ import annotations
 
 import inspect
-import os
-import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from reprlab import distributed
@@ -28,8 +22,8 @@ from reprlab.models.encoders import Encoder, create_encoder
 from reprlab.ssl import METHODS, build_method
 from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2
 from reprlab.ssl.losses import barlow_twins_loss, vicreg_terms
+from tests.gloo import run_on_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 GLOBAL_BATCH = 8
 RTOL, ATOL = 1e-9, 1e-12
@@ -123,47 +117,32 @@ def test_errors_name_the_parameter():
 # --------------------------------------------------------------------------------------------- 2 ranks
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        n = GLOBAL_BATCH // WORLD
-        local = slice(rank * n, (rank + 1) * n)
-        out: dict = {}
-        for name in METHOD_NAMES:
-            for gather in (True, False):
-                if name == "dino" and not gather:
-                    continue  # DINO's loss is a per-sample mean: nothing to gather
-                params = {} if name == "dino" else {"gather_distributed": gather}
-                method = distributed.convert_sync_batchnorm(tiny_method(name, **params), CPU)
-                result = method.forward_views([v[local] for v in fixed_views(name)])
-                result["loss"].backward()
-                for p in method.parameters():  # DDP's rule: every gradient becomes its mean over the ranks
-                    if p.grad is not None:
-                        p.grad = distributed.all_reduce_mean(p.grad)
-                entry = {"loss": distributed.all_reduce_mean(result["loss"].detach()), "grads": grads(method)}
-                if name == "dino":
-                    entry["center"] = method.center.clone()
-                out[f"{name}/{gather}"] = entry
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int) -> dict:
+    n = GLOBAL_BATCH // WORLD
+    local = slice(rank * n, (rank + 1) * n)
+    out: dict = {}
+    for name in METHOD_NAMES:
+        for gather in (True, False):
+            if name == "dino" and not gather:
+                continue  # DINO's loss is a per-sample mean: nothing to gather
+            params = {} if name == "dino" else {"gather_distributed": gather}
+            method = distributed.convert_sync_batchnorm(tiny_method(name, **params), CPU)
+            result = method.forward_views([v[local] for v in fixed_views(name)])
+            result["loss"].backward()
+            for p in method.parameters():  # DDP's rule: every gradient becomes its mean over the ranks
+                if p.grad is not None:
+                    p.grad = distributed.all_reduce_mean(p.grad)
+            entry = {"loss": distributed.all_reduce_mean(result["loss"].detach()), "grads": grads(method)}
+            if name == "dino":
+                entry["center"] = method.center.clone()
+            out[f"{name}/{gather}"] = entry
+    return out
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_methods")
-    if str(ROOT) not in sys.path:  # spawned children import this module as tests.test_redundancy_methods
-        sys.path.insert(0, str(ROOT))
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_worker, out, world=WORLD)
 
 
 def reference(name: str) -> dict:

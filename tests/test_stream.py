@@ -404,49 +404,29 @@ def test_report_text_without_a_val_split_says_nothing_was_chosen() -> None:
     assert "k and temperature chosen on val from k in [10, 20]" in _settings_paragraph(summary)
 
 
-def _ddp_features(rank: int, port: int, root: str, out: str) -> None:
-    import os
-
-    import torch.distributed as dist
-
+def _ddp_features(rank: int, root: str) -> dict:
     from reprlab.data.datasets import load_dataset
     from reprlab.stages.common import build_batches, split_features
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        train = load_dataset(f"folder:{root}", image_size=8, val_fraction=0, stream=True).train  # 7 files
-        features = split_features(torch.nn.Flatten(), train, 2, torch.device("cpu"), shard=True)
-        seen = [b["index"] for b in build_batches(train, 1, shuffle=True, drop_last=False, seed=0, rank=rank,
-                                                   world_size=2).epoch(0)]
-        torch.save({"features": features, "seen": torch.cat(seen)}, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    train = load_dataset(f"folder:{root}", image_size=8, val_fraction=0, stream=True).train  # 7 files
+    features = split_features(torch.nn.Flatten(), train, 2, torch.device("cpu"), shard=True)
+    seen = [b["index"] for b in build_batches(train, 1, shuffle=True, drop_last=False, seed=0, rank=rank,
+                                               world_size=2).epoch(0)]
+    return {"features": features, "seen": torch.cat(seen)}
 
 
 def test_streamed_features_and_batches_under_ddp(tmp_path: Path) -> None:
     """2 gloo processes: each streams its share, both get every row in order; the training shards are disjoint
     and equal (7 files: the head is repeated as padding, as DistributedSampler does)."""
-    import socket
-    import sys
-
-    import torch.multiprocessing as mp
-
     from reprlab.data.datasets import load_dataset
     from reprlab.stages.common import split_features
+    from tests.gloo import run_on_ranks
 
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(7):
         write_png(_image(i, 9, 11), str(root / f"{i}.png"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    top = str(Path(__file__).resolve().parents[1])
-    if top not in sys.path:  # spawned children import this module as tests.test_stream
-        sys.path.insert(0, top)
-    mp.spawn(_ddp_features, args=(port, str(root), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_on_ranks(_ddp_features, tmp_path, str(root))
     single = split_features(torch.nn.Flatten(), load_dataset(f"folder:{root}", image_size=8, val_fraction=0,
                                                               stream=True).train, 3, torch.device("cpu"))
     assert single.shape == (7, 3 * 8 * 8)

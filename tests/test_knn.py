@@ -254,27 +254,34 @@ def test_ivf_padding_never_votes():
     torch.testing.assert_close(result.scores.sum(dim=1), valid_mass)
 
 
-def test_auto_backend_runs_the_measured_fastest_on_cpu_and_faiss_for_approximate_indexes(monkeypatch):
+def test_auto_backend_probes_each_exact_backend_on_the_real_queries_then_runs_the_fastest(monkeypatch):
     from reprlab.evaluate import search
 
     generator = torch.Generator().manual_seed(5)
-    bank, queries = torch.randn(300, 16, generator=generator), torch.randn(20, 16, generator=generator)
-    monkeypatch.setattr(search, "fastest_exact_cpu", lambda dim, k, threads: "faiss_heap")
+    bank, queries = torch.randn(3000, 16, generator=generator), torch.randn(3200, 16, generator=generator)
+    monkeypatch.setattr(search, "_PROBE_MIN_PAIRS", 0)
+    monkeypatch.setattr(search, "_chosen", {})
     calls = []
-    real_heap, real_faiss = search.faiss_heap_search, search.faiss_search
-    monkeypatch.setattr(search, "faiss_heap_search", lambda *a, **kw: calls.append("heap") or real_heap(*a, **kw))
-    monkeypatch.setattr(search, "faiss_search", lambda *a, **kw: calls.append(a[3]) or real_faiss(*a, **kw))
-    auto = knn_search(bank, queries, 7, backend="auto", chunk_size=6)  # 20 queries: a partial chunk
+    real = search.exact_cpu_search
+    monkeypatch.setattr(search, "exact_cpu_search",
+                        lambda name, b, q, *a: calls.append((name, len(b), len(q))) or real(name, b, q, *a))
+    auto = knn_search(bank, queries, 7, backend="auto", chunk_size=100)
     exact = knn_search(bank, queries, 7, backend="torch")
-    knn_search(bank, queries, 7, backend="auto", index="hnsw")
-    assert calls == ["heap", "hnsw"]
-    assert torch.equal(auto[1], exact[1])
+    timed = [(name, rows) for name, size, rows in calls if size == len(bank)]
+    assert timed[:3] == [(name, 256) for name in search.EXACT_CPU]  # one slice of real queries each
+    (chosen,) = search.chosen_backends().values()
+    assert timed[3] == (chosen, 3200 - 3 * 256)  # the fastest searches the rest
+    assert torch.equal(auto[1], exact[1])  # the probe's results are kept, in order
     torch.testing.assert_close(auto[0], exact[0])
+    calls.clear()
+    knn_search(bank, queries, 8, backend="auto")  # same size, dim and k bucket: cached, no probe
+    assert calls == [(chosen, 3000, 3200)]
+    calls.clear()
+    knn_search(bank, queries, 7, backend="auto", index="hnsw")  # approximate: faiss's index, never probed
+    assert calls == []
 
 
-def test_every_backend_returns_the_same_neighbours_and_auto_picks_a_measured_one():
-    from reprlab.evaluate import search
-
+def test_every_backend_returns_the_same_neighbours():
     generator = torch.Generator().manual_seed(3)
     bank, queries = torch.randn(3000, 48, generator=generator), torch.randn(300, 48, generator=generator)
     results = {b: knn_search(bank, queries, k=30, backend=b, chunk_size=128) for b in BACKENDS}
@@ -282,9 +289,3 @@ def test_every_backend_returns_the_same_neighbours_and_auto_picks_a_measured_one
     for backend, (sims, idx) in results.items():
         assert torch.equal(idx, reference_idx), backend  # continuous random data: no ties
         assert torch.allclose(sims, reference_sims, atol=1e-5), backend
-    search.fastest_exact_cpu.cache_clear()
-    chosen = search.fastest_exact_cpu(48, 32, torch.get_num_threads())
-    assert chosen in search.EXACT_CPU
-    assert search.fastest_exact_cpu.cache_info().misses == 1
-    knn_search(bank, queries, k=20, backend="auto")  # k=20 -> the same power-of-two bucket: no new timing
-    assert search.fastest_exact_cpu.cache_info().misses == 1

@@ -73,9 +73,10 @@ def knn_search(
     backend: ``"faiss"`` (faiss's index: GPU when the queries are on CUDA and faiss sees a GPU, else CPU),
         ``"faiss_heap"`` (exact, CPU: torch's BLAS for the similarities, faiss's heaps for the top k),
         ``"torch"`` (the reference: chunks of ``chunk_size`` queries, matmul + ``topk``, on the queries'
-        device) or ``"auto"``: on the CPU the fastest exact backend of this machine, timed once per process
-        (:func:`reprlab.evaluate.search.fastest_exact_cpu`); on CUDA faiss-GPU when usable, else torch;
-        faiss for the approximate indexes. ``python scripts/benchmark.py knn`` times them side by side.
+        device) or ``"auto"``: on the CPU the fastest exact backend for this problem on this machine, timed on
+        the first queries themselves (:func:`reprlab.evaluate.search.auto_exact_cpu_search`); on CUDA
+        faiss-GPU when usable, else torch; faiss for the approximate indexes. ``python scripts/benchmark.py
+        knn`` times them side by side.
     index: faiss index type. ``"flat"`` is exact (``IndexFlatIP``). ``"ivf"`` (``IndexIVFFlat``, ``nlist``
         defaults to ``4 * sqrt(N)``, trained on the bank; ``nprobe`` defaults to ``sqrt(nlist)``) and
         ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search`` defaults to ``max(64, 2k)``) are
@@ -107,8 +108,10 @@ def knn_search(
         return empty, empty.long()
 
     if backend == "auto":
-        backend = _auto_backend(index, queries, bank.shape[1], k_search)
-    if backend == "torch":
+        backend = _auto_backend(index, queries, k_search)
+    if backend == "auto_cpu":
+        sims, idx = search.auto_exact_cpu_search(bank, queries, k_search, chunk_size)
+    elif backend == "torch":
         sims, idx = search.torch_search(bank.to(device), queries.to(device), k_search, chunk_size)
     elif backend == "faiss_heap" or (backend == "faiss" and index == "flat" and device.type != "cuda"):
         sims, idx = search.exact_cpu_search(backend, bank, queries, k_search, chunk_size)
@@ -120,13 +123,12 @@ def knn_search(
     return sims.to(device), idx.to(device)
 
 
-def _auto_backend(index: str, queries: Tensor, dim: int, k: int) -> str:
+def _auto_backend(index: str, queries: Tensor, k: int) -> str:
     if index != "flat":
         return "faiss"
     if queries.is_cuda:
         return "faiss" if search.faiss_gpu_usable(queries, k) else "torch"
-    k_bucket = 1 << max(0, k - 1).bit_length()  # the timing is cached per power of two of k
-    return search.fastest_exact_cpu(dim, k_bucket, torch.get_num_threads())
+    return "auto_cpu"
 
 
 def _drop_self(sims: Tensor, idx: Tensor, k_out: int) -> tuple[Tensor, Tensor]:

@@ -260,6 +260,7 @@ def test_auto_backend_probes_each_exact_backend_on_the_real_queries_then_runs_th
     generator = torch.Generator().manual_seed(5)
     bank, queries = torch.randn(3000, 16, generator=generator), torch.randn(3200, 16, generator=generator)
     monkeypatch.setattr(search, "_PROBE_MIN_PAIRS", 0)
+    monkeypatch.setattr(search, "_PROBE_QUERIES", 256)
     monkeypatch.setattr(search, "_chosen", {})
     calls = []
     real = search.exact_cpu_search

@@ -145,7 +145,7 @@ def faiss_heap_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int) ->
 
 # Below this many (bank x query) pairs a search takes milliseconds whichever backend runs it: faiss, no probe.
 _PROBE_MIN_PAIRS = 50_000_000
-_PROBE_QUERIES = 256
+_PROBE_QUERIES = 1024  # one query chunk: a 256-query slice misjudged the full search (cache effects)
 _chosen: dict[tuple[int, int, int, int], str] = {}
 
 
@@ -154,15 +154,15 @@ def auto_exact_cpu_search(bank: Tensor, queries: Tensor, k: int, chunk_size: int
 
     Their order depends on the processor, its BLAS and the bank's size against the caches (faiss flat was 1.35x
     faster than the others on one 2-core EPYC and 4.4x slower on another), so a probe on a small synthetic bank
-    misleads. Instead each backend searches its own slice of the first ``3 x 256`` real queries against the real
+    misleads. Instead each backend searches its own slice of the first ``3 x 1024`` real queries against the real
     bank, timed after a tiny warm-up; those results are kept, and the fastest searches the rest. The choice is
     cached per process for the bank size (power of two), dimension, k (power of two) and thread count. Small
-    problems go to faiss without a probe."""
+    problems, and searches of fewer than 3x the probed queries, go to faiss without a probe."""
     bank, queries = bank.detach().cpu().float().contiguous(), queries.detach().cpu().float().contiguous()
     num_bank, num_queries = bank.shape[0], queries.shape[0]
     key = (num_bank.bit_length(), bank.shape[1], max(0, k - 1).bit_length(), torch.get_num_threads())
     probe = _PROBE_QUERIES * len(EXACT_CPU)
-    if key in _chosen or num_bank * num_queries < _PROBE_MIN_PAIRS or num_queries < 4 * probe:
+    if key in _chosen or num_bank * num_queries < _PROBE_MIN_PAIRS or num_queries < 3 * probe:
         return exact_cpu_search(_chosen.get(key, "faiss"), bank, queries, k, chunk_size)
     times, parts = {}, []
     for i, name in enumerate(EXACT_CPU):

@@ -128,7 +128,7 @@ def check_data(cfg: DataConfig, key: str = "data") -> None:
     prefix = next((p for p in forms if name.startswith(p)), None)
     if prefix is None:
         choose(f"{key}.name", name, DATASETS)
-    else:
+    elif prefix != "shards:":  # shards: a folder, glob or brace pattern; the scan names what it did not find
         path = Path(name[len(prefix):]).expanduser()
         if not (path.is_dir() if forms[prefix] else path.is_file()):
             fail(f"{key}.name", name, f"{'folder' if forms[prefix] else 'file'} {str(path)!r} does not exist")

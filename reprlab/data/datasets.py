@@ -4,8 +4,9 @@ files larger than ``memory_limit_gb`` decoded, as :class:`~reprlab.data.files.Fi
 Names: ``digits`` (scikit-learn's bundled 8x8 digits, the offline default), ``npz:<dir>`` (train.npz and optional
 val.npz / test.npz with uint8 NHWC ``images``, int ``labels``, ``classes``), ``folder:<dir>`` (class sub-folders,
 a flat folder, or split folders train/ val/ test/: reprlab.data.files), ``list:<file>`` (a .csv / .txt file
-list), and the torchvision datasets ``cifar10``, ``cifar100``, ``stl10``, ``mnist``, ``fashion_mnist``
-(downloaded only when ``download=True``). Missing val / test splits are carved from train (stratified, seeded).
+list), ``shards:<dir|glob|pattern>`` (WebDataset-style tar shards: reprlab.data.shards), and the torchvision
+datasets ``cifar10``, ``cifar100``, ``stl10``, ``mnist``, ``fashion_mnist`` (downloaded only when
+``download=True``). Missing val / test splits are carved from train (stratified, seeded).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class DatasetSplits:
     origin: dict[str, str] = field(default_factory=dict)
     unreadable: list[Path] = field(default_factory=list)
     memory: str = "in memory"
+    shards: dict[str, int] = field(default_factory=dict)  # tar shards per split the dataset has
 
     @property
     def labeled(self) -> bool:
@@ -88,6 +90,8 @@ class DatasetSplits:
                 parts.append(f"no {split} split" + (f" ({self.origin[split]})" if split in self.origin else ""))
                 continue
             classes = "" if images.labels is None else f" in {len(images.labels.unique())} classes"
+            shards = self.shards.get(split)  # tar shards: how many hold the dataset's own split
+            classes += f" from {shards} tar shard{'s' * (shards != 1)}" if shards else ""
             origin = f" ({self.origin[split]})" if split in self.origin and split != "train" else ""
             parts.append(f"{split} {len(images)} image{'s' * (len(images) != 1)}{classes}{origin}")
         line = f"{self.name}: " + ", ".join(parts) + ("" if self.labeled else ", unlabeled")
@@ -258,7 +262,7 @@ def _load_torchvision(name: str, root: str, download: bool) -> dict[str, ImageSe
     return splits
 
 
-DATASETS = ("digits", "npz:<dir>", "folder:<dir>", "list:<file>", *sorted(_TORCHVISION))
+DATASETS = ("digits", "npz:<dir>", "folder:<dir>", "list:<file>", "shards:<dir|glob|pattern>", *sorted(_TORCHVISION))
 STREAM = (True, False, "auto")
 
 
@@ -268,10 +272,10 @@ def _warn_unreadable(paths: list[Path]) -> None:
         warnings.warn(f"skipped {len(paths)} unreadable image file(s), first: {shown}", stacklevel=3)
 
 
-def decode_split(files: FileSet, unreadable: list[Path] | None = None) -> ImageSet:
+def decode_split(files: FileSet, unreadable: list[Path] | None = None, progress: bool = False) -> ImageSet:
     """``files`` decoded in memory; the unreadable ones are dropped (added to ``unreadable``; when not given,
-    warned about here)."""
-    images, bad = decode_all(files.files, files.image_size, files.workers)
+    warned about here). ``progress``: a bar with images/s and the ETA (on a terminal, when it lasts)."""
+    images, bad = decode_all(files.files, files.image_size, files.workers, progress=progress)
     found = [files.files[i] for i in bad]
     if unreadable is None:
         _warn_unreadable(found)
@@ -286,8 +290,8 @@ def decode_split(files: FileSet, unreadable: list[Path] | None = None) -> ImageS
     return ImageSet(images, None if files.labels is None else files.labels[kept], files.classes)
 
 
-def _load_files(name: str, size: int, workers: int) -> tuple[dict[str, FileSet], list[Path]]:
-    splits = scan_source(name)
+def _load_files(name: str, size: int, workers: int, progress: bool) -> tuple[dict[str, FileSet], list[Path]]:
+    splits = scan_source(name, progress)
     unreadable = [f for files in splits.values() for f in files.unreadable]
     if not len(splits["train"]):
         _warn_unreadable(unreadable)
@@ -313,16 +317,18 @@ def _hold_out_missing(splits: dict, val_fraction: float, test_fraction: float, s
 
 def load_dataset(name: str, root: str = "data", download: bool = False, val_fraction: float = 0.1,
                  image_size: int | None = None, limit: int | None = None, seed: int = 0, test_fraction: float = 0.0,
-                 stream: bool | str = "auto", memory_limit_gb: float = 8.0, workers: int = 0) -> DatasetSplits:
+                 stream: bool | str = "auto", memory_limit_gb: float = 8.0, workers: int = 0,
+                 progress: bool = True) -> DatasetSplits:
     """Load a dataset by name, carving stratified, seeded val (``val_fraction``) and test (``test_fraction``)
-    splits from train where it has none. Image files (``folder:``, ``list:``) are decoded in memory by
-    ``workers`` processes, or kept as :class:`FileSet` splits to stream when ``stream`` is True, or "auto" and
-    the decoded images would exceed ``memory_limit_gb``."""
-    files = name.startswith(("folder:", "list:"))
+    splits from train where it has none. Image files (``folder:``, ``list:``, ``shards:``) are decoded in memory
+    by ``workers`` processes, or kept as :class:`FileSet` splits to stream when ``stream`` is True, or "auto" and
+    the decoded images would exceed ``memory_limit_gb``. ``progress``: bars while scanning and decoding (shown on
+    a terminal, once they last a second)."""
+    files = name.startswith(("folder:", "list:", "shards:"))
     if stream not in STREAM:
         raise DatasetError(f"data.stream={stream!r}: choose from auto, true, false")
     if stream is True and not files:
-        raise DatasetError(f"data.stream=true streams image files (folder:<dir>, list:<file>); {name!r} is loaded "
+        raise DatasetError(f"data.stream=true streams image files (folder:, list:, shards:); {name!r} is loaded "
                            f"as arrays: use data.stream=auto")
     unreadable: list[Path] = []
     if name == "digits":
@@ -330,7 +336,7 @@ def load_dataset(name: str, root: str = "data", download: bool = False, val_frac
     elif name.startswith("npz:"):
         splits = _load_npz(Path(name[4:]).expanduser())
     elif files:
-        splits, unreadable = _load_files(name, image_size or 64, workers)
+        splits, unreadable = _load_files(name, image_size or 64, workers, progress)
     elif name in _TORCHVISION:
         splits = _load_torchvision(name, root, download)
     else:
@@ -343,14 +349,16 @@ def load_dataset(name: str, root: str = "data", download: bool = False, val_frac
         keep, _ = stratified_split(train.labels, len(train), 1 - limit / len(train), seed=seed)
         splits["train"] = train.subset(keep)
     memory = "in memory"
+    shards = {split: len(s.shards) for split, s in splits.items() if hasattr(s, "shards")}
     if files:  # decoded before the carving (so val and test hold only readable images), or streamed
         decoded_gb = sum(len(s) for s in splits.values()) * 3 * splits["train"].image_size ** 2 / 1e9
         if stream is True or (stream == "auto" and decoded_gb > memory_limit_gb):
             reason = "data.stream=true" if stream is True else f"> data.memory_limit_gb={memory_limit_gb:g}"
-            memory = (f"streamed from disk ({decoded_gb:.2f} GB decoded, {reason}; files that fail to decode "
-                      f"are skipped and counted as they are met)")
+            where = "tar shards, read in sequence" if name.startswith("shards:") else "disk"
+            memory = (f"streamed from {where} ({decoded_gb:.2f} GB decoded, {reason}; images that fail to "
+                      f"decode are skipped and counted as they are met)")
         else:
-            splits = {split: decode_split(s, unreadable) for split, s in splits.items()}
+            splits = {split: decode_split(s, unreadable, progress) for split, s in splits.items()}
             memory = f"in memory ({decoded_gb:.2f} GB)"
         _warn_unreadable(unreadable)
     splits = _hold_out_missing(splits, val_fraction, test_fraction, seed, origin)
@@ -358,7 +366,7 @@ def load_dataset(name: str, root: str = "data", download: bool = False, val_frac
     if image_size is not None and not files:
         train, val, test = (_resize(s, image_size) for s in (train, val, test))
     return DatasetSplits(train=train, val=val, test=test, name=name, origin=origin, unreadable=unreadable,
-                         memory=memory)
+                         memory=memory, shards=shards)
 
 
 def _resize(images: ImageSet | None, size: int) -> ImageSet | None:

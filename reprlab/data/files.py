@@ -1,5 +1,6 @@
-"""Image files as a dataset: the one scan of folders and file lists, and the one decoder, shared by the in-memory
-loader (reprlab.data.datasets) and the streamed one (reprlab.data.stream).
+"""Image files as a dataset: the one scan of folders and file lists (the decoder is reprlab.data.decode), shared
+by the in-memory loader (reprlab.data.datasets) and the streamed one (reprlab.data.stream); tar shards are
+scanned by reprlab.data.shards into the same :class:`FileSet`.
 
 ``folder:<dir>`` layouts:
 
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import csv
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from reprlab.data.decode import decode_file, preload, read_image  # noqa: F401 - read_image: re-exported
+from reprlab.data.progress import bar as progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -98,13 +102,16 @@ def _visible(entries: list[os.DirEntry]) -> list[os.DirEntry]:
     return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(folder: Path, bar: Any = None) -> list[Path]:
     """Every image file below ``folder``, hidden files and folders pruned, in sorted path order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames
+        images = [Path(dirpath, f) for f in filenames
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found += images
+        if bar is not None:
+            bar.update(len(images))
     return sorted(found)
 
 
@@ -144,15 +151,22 @@ def _file_set(files: list[Path], labels: list[int] | None, classes: list[str]) -
                    unreadable=[f for f, ok in zip(files, usable) if not ok])
 
 
-def _scan_one(folder: Path) -> FileSet:
+def _scan_one(folder: Path, progress: bool = False) -> FileSet:
     """One split's folder: class sub-folders (labeled) or a flat folder (unlabeled)."""
-    subdirs, images = _entries(folder)
+    with progress_bar(None, f"scanning {folder}", progress) as bar:
+        subdirs, images = _entries(folder)
+        bar.update(len(images))
+        return _scan_classes(folder, subdirs, images, bar)
+
+
+def _scan_classes(folder: Path, subdirs: list[Path], images: list[Path], bar: Any) -> FileSet:
+    """The FileSet of ``folder``'s loose ``images`` (unlabeled) or of its class sub-folders ``subdirs``."""
     if not subdirs:
         files, labels, classes = images, None, []
     else:
         files, label_list, classes, empty = [], [], [], []
         for sub in subdirs:
-            found = _images_under(sub)
+            found = _images_under(sub, bar)
             if not found:
                 empty.append(sub.name + "/")
                 continue
@@ -203,11 +217,11 @@ def scan_folder(root: str | Path) -> tuple[list[Path], list[int] | None, list[st
     return one.files, None if one.labels is None else one.labels.tolist(), one.classes
 
 
-def _scan_splits(root: Path) -> dict[str, FileSet]:
+def _scan_splits(root: Path, progress: bool = False) -> dict[str, FileSet]:
     folders = split_folders(root)
     if not folders:
-        return {"train": _scan_one(root)}
-    splits = {split: _scan_one(folder) for split, folder in folders.items()}
+        return {"train": _scan_one(root, progress)}
+    splits = {split: _scan_one(folder, progress) for split, folder in folders.items()}
     train = splits["train"]
     for split, files in splits.items():
         if (files.labels is None) != (train.labels is None):
@@ -264,70 +278,22 @@ def _read_list(path: Path) -> FileSet:
     return _file_set(files, labels, classes)
 
 
-def scan_source(name: str) -> dict[str, FileSet]:
-    """The splits a ``folder:<dir>`` or ``list:<file>`` dataset provides (``train``, maybe ``val``, ``test``)."""
+def scan_source(name: str, progress: bool = False) -> dict[str, FileSet]:
+    """The splits a ``folder:<dir>``, ``list:<file>`` or ``shards:<dir|glob|pattern>`` dataset provides
+    (``train``, maybe ``val``, ``test``); ``progress``: a bar while scanning (on a terminal, when it lasts)."""
     if name.startswith("list:"):
         return {"train": _read_list(Path(name[5:]).expanduser())}
+    if name.startswith("shards:"):
+        from reprlab.data.shards import scan_shards
+
+        return scan_shards(name[len("shards:"):], progress)
     root = Path(name[len("folder:"):]).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder {str(root)!r} does not exist")
-    return _scan_splits(root)
+    return _scan_splits(root, progress)
 
 
 # ------------------------------------------------------------------------------------------- decoding
-
-
-def _to_uint8(image: Tensor) -> Tensor:
-    """16-bit samples (16-bit PNG) -> uint8, rounded."""
-    if image.dtype == torch.uint8:
-        return image
-    return torch.div(image.to(torch.int32) * 255 + 32767, 65535, rounding_mode="floor").to(torch.uint8)
-
-
-def _read_pil(path: Path, channels: int) -> Tensor:
-    """The formats torchvision.io does not read (BMP, TIFF, ...), EXIF orientation applied."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey (PIL opens it as I or I;16)
-            array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-            array = ((array * 255 + 32767) // 65535).astype(np.uint8)
-            array = np.repeat(array[..., None], channels, axis=2)
-        else:
-            array = np.array(image.convert("RGB" if channels == 3 else "L"))
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
-
-
-def read_image(path: str | Path, channels: int = 3) -> Tensor:
-    """One image file -> uint8 (channels, H, W): EXIF orientation applied; grey, palette, CMYK, RGBA and 16-bit
-    images converted (alpha dropped); an animated GIF gives its first frame. Raises on unreadable files."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    with warnings.catch_warnings():  # torchvision 0.29 warns on every call that torchcodec supersedes it
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
-        data = read_file(str(path))
-        try:
-            image = decode_image(data, mode=mode, apply_exif_orientation=True)
-        except RuntimeError:
-            if data[:2].tolist() in ([0x42, 0x4D], [0x49, 0x49], [0x4D, 0x4D]):  # BMP, TIFF: not in torchvision.io
-                return _read_pil(Path(path), channels)
-            raise
-    if image.ndim == 4:
-        image = image[0]
-    return _to_uint8(image)
-
-
-def decode_file(path: str | Path, size: int, channels: int = 3) -> Tensor:
-    """One image file -> uint8 (channels, size, size): shorter side resized to ``size`` (antialiased), then
-    the central square: how both folder loaders prepare images. Raises on unreadable files."""
-    from torchvision.transforms.v2.functional import center_crop, resize
-
-    image = resize(read_image(path, channels), size, antialias=True)
-    return center_crop(image, [size, size])
 
 
 class DecodedFiles(torch.utils.data.Dataset):
@@ -355,16 +321,22 @@ def collate(items: list[tuple[Tensor | None, int]]) -> tuple[Tensor | None, Tens
     return torch.stack([image for image, _ in good]), torch.tensor([i for _, i in good]), bad
 
 
-def decode_all(files: list[Path], size: int, workers: int = 0, chunk: int = 64) -> tuple[Tensor | None, list[int]]:
+def decode_all(files: list[Path], size: int, workers: int = 0, chunk: int = 64,
+               progress: bool = False) -> tuple[Tensor | None, list[int]]:
     """Decode ``files`` in order to (N', 3, size, size) uint8 with ``workers`` processes (0: here); returns the
-    images of the readable files (None when there are none) and the positions of the unreadable ones."""
+    images of the readable files (None when there are none) and the positions of the unreadable ones.
+    ``progress``: a bar with images/s and the ETA (on a terminal, when it lasts)."""
     plan = [list(range(i, min(i + chunk, len(files)))) for i in range(0, len(files), chunk)]
     workers = workers if len(files) > 4 * chunk else 0  # a few images: starting processes costs more
+    if workers:
+        preload()  # imported once here, not by every worker
     loader = torch.utils.data.DataLoader(DecodedFiles(files, size), batch_sampler=plan, num_workers=workers,
                                          collate_fn=collate, generator=torch.Generator())  # global RNG untouched
     images, bad = [], []
-    for batch, _, unreadable in loader:
-        bad += unreadable.tolist()
-        if batch is not None:
-            images.append(batch)
+    with progress_bar(len(files), f"decoding {len(files)} images", progress) as bar:
+        for batch, index, unreadable in loader:
+            bad += unreadable.tolist()
+            bar.update(len(index) + len(unreadable))
+            if batch is not None:
+                images.append(batch)
     return (torch.cat(images) if images else None), bad

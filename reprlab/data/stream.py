@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from reprlab.data.datasets import ImageSet
+from reprlab.data.decode import preload
 from reprlab.data.files import DecodedFiles, FileSet, collate, scan_folder
 from reprlab.data.loader import epoch_order, steps_per_epoch
 
@@ -45,7 +46,7 @@ class FolderBatches:
         if root is not None:
             found, labels, classes = scan_folder(root)
         else:
-            found = [Path(f) for f in files]
+            found = [Path(f) if isinstance(f, str) else f for f in files]  # Paths, or tar members (shards)
             if labels is not None and len(labels) != len(found):
                 raise ValueError(f"{len(found)} files but {len(labels)} labels; give one label per file")
         if channels not in (1, 3):
@@ -84,6 +85,8 @@ class FolderBatches:
         plan = [order[step * self.batch_size : (step + 1) * self.batch_size].tolist()
                 for step in range(start_step, self.steps_per_epoch)]
         workers = self.num_workers
+        if workers:
+            preload()  # imported once here, not by every worker of every epoch
         # a whole batch per worker task: one IPC message per batch, collated where it was decoded
         loader = torch.utils.data.DataLoader(
             DecodedFiles(self.files, self.image_size, self.channels), batch_sampler=plan,

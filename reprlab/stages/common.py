@@ -17,6 +17,8 @@ from reprlab.config import DataConfig, EncoderConfig, TrainConfig
 from reprlab.data.datasets import DatasetSplits, ImageSet, decode_split, load_dataset
 from reprlab.data.files import FileSet, default_workers
 from reprlab.data.loader import Batches
+from reprlab.data.shard_stream import ShardBatches
+from reprlab.data.shards import ShardSet
 from reprlab.data.stream import FolderBatches
 from reprlab.engine import FitOptions
 from reprlab.models.encoders import Encoder, create_encoder
@@ -36,24 +38,30 @@ def data_workers(cfg: DataConfig) -> int:
     return max(1, default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def build_dataset(cfg: DataConfig, seed: int) -> DatasetSplits:
+def build_dataset(cfg: DataConfig, seed: int, progress: bool = True) -> DatasetSplits:
     """The dataset named by a ``data:`` section; ``seed`` draws the val / test splits and the ``limit`` subset.
     Prints one line (rank 0): images and classes per split, where each split came from, unreadable files,
-    in memory or streamed."""
+    in memory or streamed. ``progress`` (``train.progress``): bars while scanning and decoding on rank 0 (on a
+    terminal, once they last a second)."""
     data = load_dataset(cfg.name, root=cfg.root, download=cfg.download, val_fraction=cfg.val_fraction,
                         image_size=cfg.image_size, limit=cfg.limit, seed=seed, test_fraction=cfg.test_fraction,
-                        stream=cfg.stream, memory_limit_gb=cfg.memory_limit_gb, workers=data_workers(cfg))
+                        stream=cfg.stream, memory_limit_gb=cfg.memory_limit_gb, workers=data_workers(cfg),
+                        progress=progress and distributed.is_main())
     if distributed.is_main():
         print(data.summary(), flush=True)
     return data
 
 
 def build_batches(split: ImageSet | FileSet, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
-                  rank: int = 0, world_size: int = 1) -> Batches | FolderBatches:
+                  rank: int = 0, world_size: int = 1) -> Batches | FolderBatches | ShardBatches:
     """The batch source of a split: :class:`Batches` over decoded images, :class:`FolderBatches` streaming image
     files. Both take the order of ``reprlab.data.loader.epoch_order``: a streamed run sees the batches (order
     and pixels) of an in-memory one, resumes mid-epoch on the batch it stopped at, and DDP ranks get disjoint,
-    equal shares."""
+    equal shares. Tar shards stream through :class:`ShardBatches` (read in sequence: its own seeded order,
+    replayed on resume)."""
+    if isinstance(split, ShardSet):  # tar shards: read in sequence, shuffled by shard order and a buffer
+        return ShardBatches(split, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank,
+                            world_size=world_size, num_workers=split.workers)
     if isinstance(split, FileSet):
         return FolderBatches(files=split.files, labels=split.labels, classes=split.classes,
                              image_size=split.image_size, batch_size=batch_size, shuffle=shuffle,

@@ -98,7 +98,7 @@ def source_encoder(cfg: FinetuneConfig) -> nn.Module:
 
 def load_splits(cfg: FinetuneConfig, seed: int) -> tuple[Split, Split, Split | None]:
     """(labeled train subset, validation, test) for one seed: the small-label subset is stratified, seeded."""
-    data = build_dataset(cfg.data, seed)
+    data = build_dataset(cfg.data, seed, progress=cfg.train.progress)
     if not data.labeled or data.val is None:
         missing = "no labels" if not data.labeled else "no validation split (set data.val_fraction > 0)"
         raise ValueError(f"fine-tuning needs a labeled dataset with a validation split; "

@@ -70,7 +70,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     with rundir.claim(Path(cfg.out_dir) / cfg.name) as run:
         if cfg.train.resume:
             run.check_resume(cfg)
-        data = build_dataset(cfg.data, cfg.train.seed)
+        data = build_dataset(cfg.data, cfg.train.seed, progress=cfg.train.progress)
         check_batch_fits(cfg.train.batch_size, len(data.train), world, cfg.data.name)
         encoder = build_encoder(cfg.encoder)
         method = build_method(cfg.method.name, encoder, cfg.method.params)

@@ -163,6 +163,7 @@ class KNNConfig:
     temperature: float = 0.07
     backend: str = "auto"  # auto (the fastest exact backend, timed on this machine) | faiss | faiss_heap | torch
     index: str = "flat"  # faiss index: flat (exact) | ivf | hnsw (approximate, for banks of millions)
+    recall_queries: int = 1000  # ivf / hnsw: seeded queries whose recall@k against exact search is reported
     select_on_val: bool = True
     ks: list = field(default_factory=lambda: [10, 20, 50, 100, 200])
     temperatures: list = field(default_factory=lambda: [0.02, 0.05, 0.07, 0.1, 0.2, 0.5])
@@ -199,10 +200,14 @@ class EvaluateConfig:
     quality_max_features: int = 10000  # train features for uniformity / effective rank / std (seeded subset)
     report: bool = True  # report.md + report.html with pictures next to metrics.json
     report_map: str = "tsne"  # tsne | pca: the 2-D map of the test embeddings
-    report_points: int = 2000  # test points on the 2-D map (t-SNE is O(N^2))
+    report_points: int = 2000  # test points on the 2-D map, a seeded sample (t-SNE is O(N^2))
     batch_size: int = 512
     device: str = "auto"
     cache_features: bool = True
+    feature_cache_dir: str | None = None  # where features are cached (null: <run dir>/cache); share it across runs
+    feature_cache_dtype: str = "float32"  # float32 | float16: the on-disk features of streamed datasets
+    feature_chunk_rows: int | None = None  # rows of on-disk features read at once (kNN bank, probe); null: auto
+    progress: bool = True  # bars with images/s and ETA (rank 0, on a terminal): features, kNN, probes, t-SNE
     seed: int = 0
 
 

@@ -17,28 +17,33 @@ from torch import Tensor, nn
 
 from reprlab import distributed
 from reprlab.data.loader import shard as shard_indices
+from reprlab.data.progress import bar as progress_bar
 from reprlab.hardware import native_bf16
 
 
-def _extract(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool) -> Tensor:
+def _extract(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool,
+             progress: bool = False, desc: str = "features") -> Tensor:
     """Features (N, D) float32 on ``device``."""
     chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device, non_blocking=True)
-        batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            chunks.append(encoder(batch).float())
+    with progress_bar(len(images), desc, progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                chunks.append(encoder(batch).float())
+            bar.update(len(batch))
     return torch.cat(chunks)
 
 
 @torch.inference_mode()
 def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
-                     device: torch.device | str = "cpu", precision: str = "auto", shard: bool = False) -> Tensor:
+                     device: torch.device | str = "cpu", precision: str = "auto", shard: bool = False,
+                     progress: bool = False, desc: str = "features") -> Tensor:
     """Features (N, D) float32 on the CPU for uint8 (or [0, 1] float) images (N, C, H, W), in input order.
 
     ``precision="auto"`` uses bf16 autocast where the device computes bf16 natively (reprlab.hardware), else
     fp32. ``shard=True`` under DDP: every rank must call this; each extracts about N / world_size images and
-    all receive the full, ordered result."""
+    all receive the full, ordered result. ``progress``: a bar with images/s and the ETA (on a terminal)."""
     device = torch.device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -50,17 +55,17 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
         if len(images) == 0:
             return torch.empty(0, 0)
         if world == 1:
-            return _extract(encoder, images, batch_size, device, use_amp).cpu()
-        return _extract_sharded(encoder, images, batch_size, device, use_amp, world).cpu()
+            return _extract(encoder, images, batch_size, device, use_amp, progress, desc).cpu()
+        return _extract_sharded(encoder, images, batch_size, device, use_amp, world, progress, desc).cpu()
     finally:
         encoder.train(was_training)
 
 
 def _extract_sharded(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool,
-                     world: int) -> Tensor:
+                     world: int, progress: bool = False, desc: str = "features") -> Tensor:
     n = len(images)
     index = shard_indices(torch.arange(n), distributed.rank(), world, drop_last=False)  # (m,) padded
-    local = _extract(encoder, images[index], batch_size, device, use_amp)  # (m, D)
+    local = _extract(encoder, images[index], batch_size, device, use_amp, progress, desc)  # (m, D)
     gathered = distributed.all_gather(local)  # (world * m, D), rank-major
     gathered_index = distributed.all_gather(index.to(device))  # (world * m,)
     m = len(index)

@@ -62,6 +62,8 @@ def knn_search(
     hnsw_m: int = 32,
     ef_search: int | None = None,
     chunk_size: int = 1024,
+    bank_chunk: int | None = None,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cosine neighbours of ``queries`` in ``bank``.
 
@@ -84,6 +86,10 @@ def knn_search(
         for a query; those slots hold index -1 and similarity -inf.
     exclude_self: leave-one-out when ``queries`` IS ``bank`` (row i is item i): searches one more neighbour
         and drops each query's own index (by index, not by rank, so exact duplicates are handled).
+    bank_chunk: search the bank ``bank_chunk`` rows at a time and merge the per-query top k
+        (:func:`reprlab.evaluate.bank.chunked_search`: the same neighbours, memory bounded by the chunk); a
+        :class:`~reprlab.evaluate.cache.FeatureArray` bank or query set (an on-disk feature cache) is always
+        read so, by its ``chunk_rows``. ``progress``: a bar per query chunk there (on a terminal).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
@@ -94,18 +100,18 @@ def knn_search(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
-    bank, queries = normalize_features(bank), normalize_features(queries)
-    if bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"bank has dim {bank.shape[1]} but queries have dim {queries.shape[1]}")
-    num_bank = bank.shape[0]
-    if exclude_self and queries.shape[0] != num_bank:
-        raise ValueError(f"exclude_self=True needs the queries to be the bank, got {queries.shape[0]} queries for "
-                         f"{num_bank} bank items; pass exclude_self=False for a separate query set")
-    k_out = min(k, num_bank - 1) if exclude_self else min(k, num_bank)
-    k_search = k_out + 1 if exclude_self else k_out  # k_out + 1 <= N: self is dropped afterwards
+    chunked, bank, queries = _prepare(bank, queries, bank_chunk)
+    k_out, k_search = _search_sizes(tuple(bank.shape), tuple(queries.shape), k, exclude_self)
     if k_out <= 0:  # a one-item bank queried by itself has no other neighbour
         empty = torch.empty(queries.shape[0], 0, device=device)
         return empty, empty.long()
+    if chunked:
+        from reprlab.evaluate.bank import chunked_search
+
+        sims, idx = chunked_search(bank, queries, k_search, k_out, backend, index, exclude_self, bank_chunk,
+                                   progress=progress, chunk_size=chunk_size, nlist=nlist, nprobe=nprobe,
+                                   hnsw_m=hnsw_m, ef_search=ef_search)
+        return sims.to(device), idx.to(device)
 
     if backend == "auto":
         backend = _auto_backend(index, queries, k_search)
@@ -121,6 +127,35 @@ def knn_search(
     if exclude_self:
         sims, idx = _drop_self(sims, idx, k_out)
     return sims.to(device), idx.to(device)
+
+
+def _prepare(bank: Any, queries: Any, bank_chunk: int | None) -> tuple[bool, Any, Any]:
+    """(search in bank chunks?, bank, queries): normalised tensors in memory; for a chunked search tensors or
+    on-disk FeatureArrays, normalised chunk by chunk later."""
+    from reprlab.evaluate.cache import FeatureArray
+
+    chunked = isinstance(bank, FeatureArray) or isinstance(queries, FeatureArray) or (
+        bank_chunk is not None and bank_chunk < bank.shape[0])
+    if not chunked:
+        return False, normalize_features(bank), normalize_features(queries)
+    bank, queries = (x if isinstance(x, (Tensor, FeatureArray)) else as_tensor(x) for x in (bank, queries))
+    return True, bank, queries
+
+
+def _search_sizes(bank_shape: tuple[int, ...], query_shape: tuple[int, ...], k: int,
+                  exclude_self: bool) -> tuple[int, int]:
+    """(k', the neighbours searched): k' = min(k, N), or min(k, N - 1) plus self under leave-one-out."""
+    if len(bank_shape) != 2 or len(query_shape) != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shapes {bank_shape} and {query_shape}; flatten or "
+                         f"pool them first")
+    if bank_shape[1] != query_shape[1]:
+        raise ValueError(f"bank has dim {bank_shape[1]} but queries have dim {query_shape[1]}")
+    num_bank = bank_shape[0]
+    if exclude_self and query_shape[0] != num_bank:
+        raise ValueError(f"exclude_self=True needs the queries to be the bank, got {query_shape[0]} queries for "
+                         f"{num_bank} bank items; pass exclude_self=False for a separate query set")
+    k_out = min(k, num_bank - 1) if exclude_self else min(k, num_bank)
+    return k_out, k_out + 1 if exclude_self else k_out  # k_out + 1 <= N: self is dropped afterwards
 
 
 def _auto_backend(index: str, queries: Tensor, k: int) -> str:

@@ -10,6 +10,7 @@ Select on val with ``ProbeResult.val_top1``, then read the test split once with 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprlab.data.progress import bar as progress_bar
 from reprlab.evaluate.knn import as_tensor
 
 _STD_EPS = 1e-6
@@ -58,7 +60,12 @@ class ProbeResult:
     grid: list[dict[str, float]] = field(default_factory=list)
 
     def predict(self, x: Tensor | np.ndarray) -> Tensor:
-        """(N,) predicted labels in the original label values, on the CPU."""
+        """(N,) predicted labels in the original label values, on the CPU; an on-disk
+        :class:`~reprlab.evaluate.cache.FeatureArray` is read chunk by chunk."""
+        from reprlab.evaluate.cache import FeatureArray
+
+        if isinstance(x, FeatureArray):
+            return torch.cat([self.predict(rows) for _, _, rows in x.chunks()])
         if isinstance(self.model, nn.Module):
             return self.model.predict(x).cpu()
         features = as_tensor(x, torch.float32).cpu().numpy()
@@ -99,6 +106,8 @@ def train_linear_probe(
     batch_size: int = 512,
     device: torch.device | str | None = None,
     seed: int = 0,
+    chunk_rows: int | None = None,
+    progress: bool = False,
 ) -> ProbeResult:
     """Multinomial logistic regression on standardised features, sweeping lr x weight decay, chosen on val.
 
@@ -108,13 +117,23 @@ def train_linear_probe(
     optimum (sklearn's ``C = 1 / (weight_decay * N)``). All configurations share the minibatch order and are
     trained at once; the final-epoch model of the best val top-1 is returned (ties: first in grid order,
     lrs outer, weight decays inner). Classes are the sorted unique train labels.
+
+    Features larger than memory: a :class:`~reprlab.evaluate.cache.FeatureArray` (an on-disk cache), or
+    ``chunk_rows`` smaller than the train set, trains on ``chunk_rows`` rows at a time
+    (:mod:`reprlab.evaluate.chunked_probe`: block-shuffled minibatches, the same result when one chunk holds
+    every row). ``progress``: a bar per epoch (on a terminal).
     """
+    from reprlab.evaluate.cache import FeatureArray
+
+    if not lrs or not weight_decays:
+        raise ValueError("lrs and weight_decays must be non-empty")
+    if isinstance(train_x, FeatureArray) or (chunk_rows is not None and chunk_rows < len(train_x)):
+        return _train_in_chunks(train_x, train_y, val_x, val_y, lrs, weight_decays, epochs, batch_size, device,
+                                seed, chunk_rows, progress)
     train_x, val_x = as_tensor(train_x, torch.float32), as_tensor(val_x, torch.float32)
     train_y, val_y = as_tensor(train_y).long(), as_tensor(val_y).long()
     _check_split(train_x, train_y, "train")
     _check_split(val_x, val_y, "val")
-    if not lrs or not weight_decays:
-        raise ValueError("lrs and weight_decays must be non-empty")
     device = torch.device(device) if device is not None else train_x.device
     generator = torch.Generator().manual_seed(seed)
 
@@ -128,7 +147,7 @@ def train_linear_probe(
 
     configs = [(lr, weight_decay) for lr in lrs for weight_decay in weight_decays]
     weight, bias = _train_configs(train_z, train_targets, classes.numel(), configs, epochs, batch_size,
-                                  generator)
+                                  generator, progress)
 
     val_logits = _batched_logits(val_z, weight, bias)  # (V, G, C)
     val_top1 = (val_logits.argmax(dim=2) == val_targets[:, None]).float().mean(dim=0)  # (G,)
@@ -150,6 +169,29 @@ def train_linear_probe(
     )
 
 
+def _train_in_chunks(train_x: Any, train_y: Any, val_x: Any, val_y: Any, lrs: tuple[float, ...],
+                     weight_decays: tuple[float, ...], epochs: int, batch_size: int,
+                     device: torch.device | str | None, seed: int, chunk_rows: int | None,
+                     progress: bool) -> ProbeResult:
+    """``train_linear_probe`` over chunks of rows (its arguments: features may be FeatureArrays)."""
+    from reprlab.evaluate.cache import FeatureArray
+    from reprlab.evaluate.chunked_probe import train_chunked_probe
+
+    train_y, val_y = as_tensor(train_y).long().cpu(), as_tensor(val_y).long().cpu()
+    for x, y, name in ((train_x, train_y, "train"), (val_x, val_y, "val")):
+        if len(x.shape) != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{name} must be features (N, D) and labels (N,), got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+    if not isinstance(train_x, FeatureArray):
+        train_x = as_tensor(train_x, torch.float32)
+    if not isinstance(val_x, FeatureArray):
+        val_x = as_tensor(val_x, torch.float32).cpu()
+    chunk_rows = chunk_rows or train_x.chunk_rows
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return train_chunked_probe(train_x, train_y, val_x, val_y, lrs, weight_decays, epochs, batch_size, device,
+                               seed, chunk_rows, progress)
+
+
 def _train_configs(
     train_z: Tensor,
     train_targets: Tensor,
@@ -158,34 +200,49 @@ def _train_configs(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Train every (lr, weight decay) of ``configs`` at once on the same minibatches (Adam, cosine decay to 0,
     zero init); returns the final (D, G, C) weights and (G, C) biases, G = len(configs)."""
-    device = train_z.device
-    num_configs, dim = len(configs), train_z.shape[1]
+    device, num_train = train_z.device, train_z.shape[0]
+
+    def epoch_batches() -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(num_train, generator=generator).to(device)
+        shuffled_z, shuffled_targets = train_z[order], train_targets[order]  # one gather per epoch
+        for start in range(0, num_train, batch_size):
+            yield shuffled_z[start : start + batch_size], shuffled_targets[start : start + batch_size]
+
+    total_steps = epochs * max(1, math.ceil(num_train / batch_size))
+    return train_batched(epoch_batches, train_z.shape[1], num_classes, configs, epochs, total_steps, device,
+                         progress)
+
+
+def train_batched(epoch_batches: Callable[[], Iterator[tuple[Tensor, Tensor]]], dim: int, num_classes: int,
+                  configs: list[tuple[float, float]], epochs: int, total_steps: int, device: torch.device,
+                  progress: bool = False) -> tuple[Tensor, Tensor]:
+    """The optimisation of :func:`train_linear_probe`: ``epochs`` passes of ``epoch_batches()`` (standardised
+    (B, D) features and (B,) class indices), every configuration at once; ``total_steps`` sets the cosine
+    decay. ``progress``: a bar per epoch (on a terminal)."""
+    num_configs = len(configs)
     weight = torch.zeros(dim, num_configs, num_classes, device=device, requires_grad=True)  # (D, G, C)
     bias = torch.zeros(num_configs, num_classes, device=device, requires_grad=True)  # (G, C)
     config_lrs = torch.tensor([lr for lr, _ in configs], device=device).view(-1, 1)  # (G, 1)
     config_wds = torch.tensor([wd for _, wd in configs], device=device).view(-1, 1)  # (G, 1)
     optimizer = _BatchedAdam([weight, bias])
-
-    num_train = train_z.shape[0]
-    total_steps = epochs * max(1, math.ceil(num_train / batch_size))
     step = 0
-    for _ in range(epochs):
-        order = torch.randperm(num_train, generator=generator).to(device)
-        shuffled_z, shuffled_targets = train_z[order], train_targets[order]  # one gather per epoch
-        for start in range(0, num_train, batch_size):
-            batch_z = shuffled_z[start : start + batch_size]  # (B, D)
-            targets = shuffled_targets[start : start + batch_size, None].expand(-1, num_configs)  # (B, G)
-            logits = _batched_logits(batch_z, weight, bias)  # (B, G, C)
-            loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=0)  # (G,)
-            weight.grad = bias.grad = None
-            loss.sum().backward()  # configs are independent: the sum keeps each one's gradient
-            weight.grad.add_(config_wds * weight.detach())  # gradient of the L2 penalty wd / 2 ||W||^2
-            cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            optimizer.step(config_lrs * cosine)
-            step += 1
+    with progress_bar(epochs, f"linear probe ({num_configs} settings)", progress, unit="epoch") as bar:
+        for _ in range(epochs):
+            for batch_z, batch_targets in epoch_batches():
+                targets = batch_targets[:, None].expand(-1, num_configs)  # (B, G)
+                logits = _batched_logits(batch_z, weight, bias)  # (B, G, C)
+                loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=0)  # (G,)
+                weight.grad = bias.grad = None
+                loss.sum().backward()  # configs are independent: the sum keeps each one's gradient
+                weight.grad.add_(config_wds * weight.detach())  # gradient of the L2 penalty wd / 2 ||W||^2
+                cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                optimizer.step(config_lrs * cosine)
+                step += 1
+            bar.update(1)
     return weight.detach(), bias.detach()
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from reprlab.data.progress import bar as progress_bar
 from reprlab.evaluate.plots import (
     embed_2d,
     plot_confusion_matrices,
@@ -181,6 +182,23 @@ def _selection_text(summary: dict[str, Any], knn: dict[str, Any], probes: list[s
     return read, selection, probe_text
 
 
+def _scale_text(summary: dict[str, Any]) -> str:
+    """The approximate index's measured recall, and probes skipped for features kept on disk, per encoder."""
+    encoders = summary.get("encoders", {})
+    recalls = {label: m["knn_recall"] for label, m in encoders.items() if "knn_recall" in m}
+    text = ""
+    if recalls:
+        first = next(iter(recalls.values()))
+        shown = ", ".join(f"{label} {r['recall']:.3f}" for label, r in recalls.items())
+        text += (f" kNN index {first['index']} is approximate: its recall@{first['k']} against exact search on "
+                 f"{first['queries']} seeded {summary.get('reported_on')} queries: {shown}.")
+    skipped = [label for label, m in encoders.items() if "sklearn_probe_skipped" in m]
+    if skipped:
+        text += (f" scikit-learn probe skipped for {', '.join(skipped)}: "
+                 f"{encoders[skipped[0]]['sklearn_probe_skipped']}.")
+    return text
+
+
 def _settings_paragraph(summary: dict[str, Any]) -> str:
     settings = summary.get("settings", {})
     knn = settings.get("knn", {})
@@ -204,12 +222,23 @@ def _settings_paragraph(summary: dict[str, Any]) -> str:
             f"Retrieval: {summary.get('reported_on')} queries against "
             f"the train bank. Alignment: two SimCLR views of {views.get('images')} {views.get('split')} "
             f"images (alignment_views: {augmentation}); uniformity, effective rank and std on train "
-            f"features; std x sqrt(D) is 1 for isotropic embeddings, 0 when collapsed.{labeled}")
+            f"features; std x sqrt(D) is 1 for isotropic embeddings, 0 when collapsed.{labeled}"
+            f"{_scale_text(summary)}")
 
 
-def write_report(out_dir: str | Path, data: ReportData, map_method: str = "tsne",
-                 seed: int = 0) -> list[Path]:
-    """Write ``report.md``, ``report.html`` and their PNGs into ``out_dir``; returns the paths written."""
+def _map_caption(method: str, split: str, points: int, total: int) -> str:
+    """What the 2-D map shows, sample size included (``report_points`` of the reported split)."""
+    name = "t-SNE" if method == "tsne" else "PCA"
+    if points < total:
+        return (f"{name} of a seeded sample of {points} of the {total} {split} embeddings (report_points), by "
+                f"class")
+    return f"{name} of the {total} {split} embeddings, by class"
+
+
+def write_report(out_dir: str | Path, data: ReportData, map_method: str = "tsne", seed: int = 0,
+                 progress: bool = False) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and their PNGs into ``out_dir``; returns the paths written.
+    ``progress``: a bar over the encoders' 2-D maps (t-SNE takes a while; on a terminal)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc, written = Document(), []
@@ -219,19 +248,25 @@ def write_report(out_dir: str | Path, data: ReportData, map_method: str = "tsne"
     kept_labels = data.test_labels[data.map_index]
     split = data.summary.get("reported_on", "test")
 
-    maps = {view.label: embed_2d(view.map_features, map_method, seed) for view in data.encoders}
+    maps = {}
+    with progress_bar(len(data.encoders), f"{map_method} maps of {len(kept_labels)} points", progress,
+                      unit="map") as bar:
+        for view in data.encoders:
+            maps[view.label] = embed_2d(view.map_features, map_method, seed)
+            bar.update(1)
     if maps:
         doc.heading("Embeddings")
         path = plot_embedding_maps(maps, kept_labels, data.class_names, out_dir / "embedding_map.png",
                                    map_method, split)
-        doc.image(path.name, f"{'t-SNE' if map_method == 'tsne' else 'PCA'} of {split} embeddings by class")
+        doc.image(path.name, _map_caption(map_method, split, len(kept_labels), len(data.test_labels)))
         written.append(path)
 
         doc.heading("kNN confusion matrices")
         predictions = {view.label: view.knn_predictions for view in data.encoders}
         path = plot_confusion_matrices(predictions, data.test_labels, data.class_names,
                                        out_dir / "confusion.png")
-        doc.image(path.name, "kNN predictions on the reported split, % of each true class")
+        doc.image(path.name, f"kNN predictions on all {len(data.test_labels)} {split} images, % of each true "
+                             f"class")
         written.append(path)
 
         doc.heading("Retrieval")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reprlab.data.progress import bar as progress_bar
 from reprlab.evaluate.knn import as_tensor, knn_search
 
 # Queries per retrieval_metrics call in chunked_retrieval: memory is chunk x (the largest class in the bank).
@@ -33,6 +34,7 @@ def retrieval_metrics(
     ks: tuple[int, ...] = (1, 5, 10),
     exclude_self: bool = False,
     backend: str = "auto",
+    **search_options: Any,
 ) -> dict[str, Any]:
     """Precision@k, Recall@k, mAP@R and R-precision of ``queries`` against ``bank`` (definitions above).
 
@@ -50,7 +52,7 @@ def retrieval_metrics(
         raise ValueError("no queries: retrieval metrics are undefined")
     relevant_counts = _relevant_counts(bank_labels, query_labels, exclude_self)  # (Q,) R per query
     depth = max(max(ks), int(relevant_counts.max()), 1)
-    _, idx = knn_search(bank, queries, depth, backend=backend, exclude_self=exclude_self)
+    _, idx = knn_search(bank, queries, depth, backend=backend, exclude_self=exclude_self, **search_options)
     idx = idx.cpu()
     # Exact search never pads with -1; the clamp only guards the gather.
     hits = (bank_labels[idx.clamp(min=0)] == query_labels[:, None]) & (idx >= 0)  # (Q, depth')
@@ -104,15 +106,18 @@ def chunked_retrieval(
     ks: tuple[int, ...] = (1, 5, 10),
     backend: str = "auto",
     chunk: int = RETRIEVAL_QUERY_CHUNK,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """``retrieval_metrics`` over chunks of ``chunk`` queries, averaged as one call would (memory chunk x max R
-    instead of Q x max R)."""
+    instead of Q x max R); ``progress``: a bar per chunk (on a terminal)."""
     parts = []
-    for start in range(0, len(query_labels), chunk):
-        stop = start + chunk
-        metrics = retrieval_metrics(bank, bank_labels, queries[start:stop], query_labels[start:stop], ks=ks,
-                                    backend=backend)
-        parts.append((metrics, len(query_labels[start:stop])))
+    with progress_bar(len(query_labels), "retrieval", progress, unit="query") as bar:
+        for start in range(0, len(query_labels), chunk):
+            stop = start + chunk
+            metrics = retrieval_metrics(bank, bank_labels, queries[start:stop], query_labels[start:stop], ks=ks,
+                                        backend=backend)
+            parts.append((metrics, len(query_labels[start:stop])))
+            bar.update(len(query_labels[start:stop]))
     combined: dict[str, Any] = {}
     for key in parts[0][0]:
         if key == "queries_without_relevant":

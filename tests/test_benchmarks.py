@@ -16,6 +16,7 @@ from reprlab.config import PretrainConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 README_BENCHMARKS = ("quality", "pretrain", "augment", "extract", "knn", "finetune")
+LIGHTLY = importlib.util.find_spec("lightly") is not None
 
 
 def benchmark(*args: str) -> str:
@@ -30,7 +31,8 @@ def test_help_lists_every_benchmark_with_a_description():
     for name in README_BENCHMARKS:
         assert re.search(rf"^ +{name} +\w", listing, re.MULTILINE), f"{name} not listed with a description"
     options = benchmark("pretrain", "--help")
-    assert all(option in options for option in ("--configs", "--compile", "--ablate", "--scaling", "--quality-check"))
+    assert all(option in options for option in ("--configs", "--method", "--compile", "--ablate", "--scaling",
+                                                 "--quality-check"))
 
 
 def test_model_step_trains_the_method_on_ready_views(monkeypatch):
@@ -59,13 +61,15 @@ def test_pretrain_benchmark_times_each_part_on_both_sides(tmp_path):
     out = tmp_path / "pretrain.jsonl"
     benchmark("pretrain", "--data", "random", "--limit", "64", "--batch-size", "8", "--image-size", "16",
               "--warmup", "1", "--steps", "1", "--repeats", "1", "--workers", "0", "--configs", "fp32",
-              "--out", str(out))
+              "--method", "simclr", "dino", "--out", str(out))  # DINO: multi-crop and a momentum teacher
     result = json.loads(out.read_text().splitlines()[-1])
-    parts = {(row["framework"], row["config"], row["part"]) for row in result["results"]}
-    assert {("reprlab", "any", "augment"), ("reprlab", "fp32", "model"), ("reprlab", "fp32", "e2e")} <= parts
-    if importlib.util.find_spec("lightly") is not None:  # a benchmark-only extra
-        assert {("lightly", "fp32", "model"), ("lightly", "workers=0", "e2e")} <= parts
-        assert {"augment any", "model fp32", "e2e fp32"} <= set(result["ratios"])
+    for method in ("simclr", "dino"):
+        parts = {(row["framework"], row["config"], row["part"]) for row in result["results"] if row["method"] == method}
+        assert {("reprlab", "any", "augment"), ("reprlab", "fp32", "model"), ("reprlab", "fp32", "e2e")} <= parts
+        if LIGHTLY:  # a benchmark-only extra
+            assert {("lightly", "fp32", "model"), ("lightly", "workers=0", "e2e")} <= parts
+            prefix = "" if method == "simclr" else f"{method} "  # SimCLR keeps the keys of earlier records
+            assert {f"{prefix}augment any", f"{prefix}model fp32", f"{prefix}e2e fp32"} <= set(result["ratios"])
 
 
 @pytest.mark.slow
@@ -101,3 +105,129 @@ def test_quality_benchmark_uses_each_method_config_batch_and_overrides(tmp_path)
         assert rows[f"reprlab {method}"]["details"]["params"]["hidden_dim"] == 64  # --set reached every method
     for row in rows.values():
         assert 0 <= row["metrics"]["knn_top1"] <= 1 and 0 <= row["metrics"]["linear_probe_top1"] <= 1
+
+
+# --------------------------------------------------------------------------------------------- lightly twins
+
+TWIN_METHODS = ("simclr", "byol", "simsiam", "moco_v2", "moco_v3", "dino", "barlow_twins", "vicreg")
+SHRINK = {"hidden_dim": 32, "projection_dim": 16, "out_dim": 32, "bottleneck_dim": 8, "predictor_hidden_dim": 8,
+          "queue_size": 32}  # the method parameters that set widths, at toy sizes
+
+
+def build_twin(method: str, overrides: dict | None = None, total_steps: int = 4):
+    """A method's CIFAR-10 config at toy widths (plus ``overrides``) -> (its config, lightly's twin of it, the
+    encoder the twin trains)."""
+    from bench import peer_methods
+
+    from reprlab.models.encoders import create_encoder
+    from reprlab.ssl import build_method
+
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml")
+    defaults = peer_methods.method_settings(method, {})
+    params = {**cfg.method.params, **{k: v for k, v in SHRINK.items() if k in defaults}, **(overrides or {})}
+    torch.manual_seed(0)
+    encoder = create_encoder("timm:test_resnet")
+    reference = build_method(method, encoder, params)
+    spec = peer_methods.TwinSpec(encoder, encoder.feature_dim, peer_methods.method_settings(method, params),
+                                 reference, 16, False, total_steps)
+    return cfg, peer_methods.build_twin(method, spec), encoder
+
+
+@pytest.mark.skipif(not LIGHTLY, reason="lightly (a benchmark-only extra) is not installed")
+@pytest.mark.parametrize("method", TWIN_METHODS)
+def test_each_lightly_twin_builds_and_takes_finite_steps(method, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench import peer_methods, peers
+
+    from reprlab.optim import build_optimization
+
+    assert set(peer_methods.LIGHTLY_TWINS) == set(TWIN_METHODS)
+    local = {"augment": {"num_local": 2, "global1": {"blur_p": 0.0}, "global2": {"blur_p": 0.0},
+                         "local": {"size": 8, "blur_p": 0.0}}} if method == "dino" else {}
+    cfg, twin, trained = build_twin(method, local)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = peers.per_sample_loader(peers.PerSampleViews(images, None, twin.transform), 4, 0, seed=0)
+    optimizer, scheduler = build_optimization(peer_methods.rescaled_optim(cfg.optim, twin.optim_scale), twin, 4,
+                                              len(loader), 1)
+    step = peers.twin_step(twin, optimizer, torch.device("cpu"), scheduler)
+    before = {name: p.detach().clone() for name, p in twin.named_parameters()}
+    twin.train()
+    batches = [views for views, _ in loader]  # 2 batches
+    losses = [step(*views) for views in batches]
+    assert len(losses) == 2 and all(torch.isfinite(loss) for loss in losses)
+    local_crops = [(4, 3, 8, 8)] * 2 if method == "dino" else []
+    assert [tuple(v.shape) for v in batches[0]] == [(4, 3, 16, 16)] * 2 + local_crops
+    params = dict(twin.named_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in params.items() if p.requires_grad)  # the optimizer stepped
+    momentum = [n for n, p in params.items() if not p.requires_grad and ("momentum" in n or "teacher" in n)]
+    assert bool(momentum) == (method in ("byol", "moco_v2", "moco_v3", "dino"))
+    if momentum:  # the momentum network moved towards the trained one
+        assert any(not torch.equal(before[n], params[n]) for n in momentum)
+    encoder = twin.evaluated_encoder().eval()
+    assert encoder is (twin.teacher_backbone if method == "dino" else trained)  # DINO: the teacher, as reprlab
+    assert torch.isfinite(encoder(images[:2].float() / 255)).all()
+
+
+@pytest.mark.skipif(not LIGHTLY, reason="lightly (a benchmark-only extra) is not installed")
+def test_lightly_twins_refuse_settings_lightly_cannot_express(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    with pytest.raises(ValueError, match=r"crop_scale is \(0.2, 0.9\)"):
+        build_twin("simsiam", {"augment": {"crop_scale": [0.2, 0.9], "blur_p": 0.0}})
+    with pytest.raises(ValueError, match="SimSiamTransform does not solarize"):
+        build_twin("simsiam", {"augment": {"solarize_p": 0.2, "blur_p": 0.0}})
+    with pytest.raises(ValueError, match="solarizes only the second global crop"):
+        build_twin("dino", {"augment": {"global1": {"solarize_p": 0.2}, "local": {"size": 8}}})
+    with pytest.raises(ValueError, match="one grayscale_p for every crop"):
+        build_twin("dino", {"augment": {"local": {"size": 8, "grayscale_p": 0.5}}})
+
+
+def test_rescaled_optimizer_gives_a_smaller_loss_the_same_updates(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench.peer_methods import rescaled_optim
+
+    from reprlab.config import OptimConfig
+
+    sgd = rescaled_optim(OptimConfig(name="sgd", lr=0.03, weight_decay=2e-3), 4.0)
+    assert (sgd.lr, sgd.weight_decay) == pytest.approx((0.12, 5e-4))  # lightly's CIFAR-10 SGD for BYOL
+    lars = rescaled_optim(OptimConfig(name="lars", lr=0.6, weight_decay=1e-4), 4.0)
+    assert (lars.lr, lars.weight_decay) == pytest.approx((0.6, 2.5e-5))  # the trust ratio cancels the scale
+    with pytest.raises(ValueError, match="cannot rescale optimizer 'adamw'"):
+        rescaled_optim(OptimConfig(name="adamw", lr=1e-3), 4.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LIGHTLY, reason="lightly (a benchmark-only extra) is not installed")
+def test_quality_benchmark_trains_the_lightly_twin_after_its_method(tmp_path):
+    out = tmp_path / "quality.jsonl"  # digits (sklearn, 8 px) and a tiny encoder: half a minute
+    benchmark("quality", "--methods", "simsiam", "--epochs", "1", "--limit", "64", "--eval-limit", "200",
+              "--test-limit", "100", "--batch-size", "32", "--encoder", "timm:test_resnet", "--data", "digits",
+              "--lightly-workers", "0", "--workdir", str(tmp_path / "runs"), "--out", str(out),
+              "--set", "method.params.hidden_dim=32", "method.params.projection_dim=16",
+              "method.params.predictor_hidden_dim=8")
+    result = json.loads(out.read_text().splitlines()[-1])
+    labels = [row["label"] for row in result["rows"]]
+    assert labels == ["random timm:test_resnet", "pixels", "reprlab simsiam", "lightly simsiam"]
+    lightly = result["rows"][-1]
+    assert lightly["details"]["twin"] == "LightlySimSiam" and lightly["details"]["batch_size"] == 32
+    assert lightly["wall_s"] > 0 and "| lightly simsiam | 32 | 1 |" in result["table"]
+    for row in result["rows"]:
+        assert row["metrics"]["test_effective_rank"] >= 1 and row["metrics"]["test_embedding_std"] > 0
+
+
+def test_quality_table_shows_mean_and_std_over_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench.quality_table import format_table, summarize_rows
+
+    def row(label, seed, knn, wall):
+        metrics = {"knn_top1": knn, "knn20_top1": knn, "linear_probe_top1": knn, "test_effective_rank": 10.0 * seed,
+                   "test_embedding_std": 0.01}
+        return {"label": label, "seed": seed, "wall_s": wall, "metrics": metrics, "details": {"batch_size": 256}}
+
+    rows = [row("reprlab byol", 0, 0.50, 60), row("lightly byol", 0, 0.40, 120), row("reprlab byol", 1, 0.52, 180)]
+    summary = {entry["label"]: entry for entry in summarize_rows(rows)}
+    assert summary["reprlab byol"]["knn_top1"]["mean"] == pytest.approx(0.51)
+    assert summary["reprlab byol"]["knn_top1"]["std"] == pytest.approx(0.02 / 2 ** 0.5)  # sample std
+    assert summary["lightly byol"]["knn_top1"]["std"] is None
+    lines = format_table(rows).splitlines()
+    assert lines[2].startswith("| reprlab byol | 256 | 2 | 51.00 ± 1.41 |") and "2.0 ± 1.4 min" in lines[2]
+    assert lines[3].startswith("| lightly byol | 256 | 1 | 40.00 |") and lines[3].endswith("| 2.0 min |")

@@ -12,7 +12,9 @@ implementation differs.
 - :class:`LightlySimCLR`, :func:`build_lightly_simclr`: the model and its loss.
 - :func:`lightly_transform`: ``SimCLRTransform`` with the strengths of a reprlab view pipeline.
 - :class:`PerSampleViews`, :func:`per_sample_loader`, :func:`loader_rate`: the per-sample data path.
-- :func:`lightly_step`, :func:`train_lightly`: its training step and loop.
+- :class:`LightlyTwin`, :class:`PairTwin`: a lightly model, its loss and its per-step hooks, for any method
+  (SimCLR's here, the other methods' in bench.peer_methods).
+- :func:`twin_step`, :func:`lightly_step`, :func:`train_lightly`: its training step and loop, one for all methods.
 - :func:`lightly_knn`: its kNN classifier (``knn_predict``, as its benchmark module calls it).
 """
 
@@ -61,23 +63,25 @@ def torchvision_resnet18(cifar_stem: bool = False) -> nn.Module:
 class LightlySimCLR(nn.Module):
     """lightly's SimCLR model: ``backbone`` features (B, feature_dim) -> ``SimCLRProjectionHead``."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int, projection_dim: int) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int, projection_dim: int,
+                 num_layers: int = 2, batch_norm: bool = True) -> None:
         from lightly.models.modules import SimCLRProjectionHead
 
         super().__init__()
         self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(feature_dim, hidden_dim, projection_dim)
+        self.projection_head = SimCLRProjectionHead(feature_dim, hidden_dim, projection_dim, num_layers, batch_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x).flatten(start_dim=1))  # (B, projection_dim)
 
 
 def build_lightly_simclr(backbone: nn.Module, feature_dim: int, hidden_dim: int | None = None,
-                         projection_dim: int = 128, temperature: float = 0.5) -> tuple[LightlySimCLR, nn.Module]:
+                         projection_dim: int = 128, temperature: float = 0.5, num_layers: int = 2,
+                         batch_norm: bool = True) -> tuple[LightlySimCLR, nn.Module]:
     """The model (hidden width defaults to ``feature_dim``) and lightly's ``NTXentLoss``."""
     from lightly.loss import NTXentLoss
 
-    model = LightlySimCLR(backbone, feature_dim, hidden_dim or feature_dim, projection_dim)
+    model = LightlySimCLR(backbone, feature_dim, hidden_dim or feature_dim, projection_dim, num_layers, batch_norm)
     return model, NTXentLoss(temperature=temperature)
 
 
@@ -158,37 +162,99 @@ def loader_rate(dataset: torch.utils.data.Dataset, batch_size: int, workers: int
 # --------------------------------------------------------------------------------------------- training
 
 
-def lightly_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 scheduler: Any = None, precision: str = "fp32") -> Callable[[Tensor, Tensor], Tensor]:
-    """lightly's training step on two view batches: two forward passes, NT-Xent, backward, optimizer step (and
-    ``scheduler`` step, when given); no host sync."""
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+class LightlyTwin(nn.Module):
+    """lightly's implementation of one method: its modules, its per-sample ``transform`` (PIL image -> list of
+    view tensors) and its training step split into hooks, in the order lightly's examples run them.
 
-    def step(view0: Tensor, view1: Tensor) -> Tensor:
-        view0, view1 = view0.to(device, non_blocking=True), view1.to(device, non_blocking=True)
+    :meth:`before_forward` runs first in each step (lightly's examples move momentum networks there),
+    :meth:`training_loss` maps the step's views to the loss, :meth:`after_backward` runs between backward and the
+    optimizer step (DINO cancels its last layer's gradients there). ``step`` counts the optimizer steps done
+    (0-based), ``total_steps`` is the run's total (the momentum schedule's horizon). ``optim_scale``: reprlab's
+    gradient over this loss's gradient for the same batch, so a benchmark can give both the same updates
+    (bench.peer_methods.rescaled_optim). :meth:`evaluated_encoder` is the network a benchmark scores."""
+
+    transform: Callable | None = None
+    optim_scale: float = 1.0
+    total_steps: int = 1
+
+    def before_forward(self, step: int) -> None:
+        """Called before the forward pass of step ``step`` (0-based); nothing by default."""
+
+    def training_loss(self, views: list[Tensor], step: int) -> Tensor:
+        raise NotImplementedError
+
+    def after_backward(self, step: int) -> None:
+        """Called after backward, before the optimizer step; nothing by default."""
+
+    def evaluated_encoder(self) -> nn.Module:
+        return self.backbone
+
+
+class PairTwin(LightlyTwin):
+    """A model and a loss on two separately forwarded views, ``criterion(model(view0), model(view1))``: lightly's
+    SimCLR (examples/pytorch/simclr.py)."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, transform: Callable | None = None) -> None:
+        super().__init__()
+        self.model, self.criterion, self.transform = model, criterion, transform
+
+    def training_loss(self, views: list[Tensor], step: int) -> Tensor:
+        view0, view1 = views
+        return self.criterion(self.model(view0), self.model(view1))
+
+    def evaluated_encoder(self) -> nn.Module:
+        return self.model.backbone
+
+
+def twin_step(twin: LightlyTwin, optimizer: torch.optim.Optimizer, device: torch.device, scheduler: Any = None,
+              precision: str = "fp32", grad_clip: float | None = None) -> Callable[..., Tensor]:
+    """lightly's training step on the views of one batch, ``step(*views)``: ``before_forward``, the loss (bf16
+    autocast with ``precision="bf16"``), backward, ``after_backward``, gradient clipping to a global norm of
+    ``grad_clip`` (when given, as reprlab's loop clips), optimizer step (and ``scheduler`` step, when given); no
+    host sync. The step count the hooks see starts at 0 and advances with every call."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    trainable = [p for p in twin.parameters() if p.requires_grad]
+    done = [0]  # optimizer steps taken
+
+    def step(*views: Tensor) -> Tensor:
+        index = done[0]
+        views_on_device = [view.to(device, non_blocking=True) for view in views]
+        twin.before_forward(index)
         with amp:
-            loss = criterion(model(view0), model(view1))
+            loss = twin.training_loss(views_on_device, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        twin.after_backward(index)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        done[0] = index + 1
         return loss.detach()
 
     return step
 
 
-def train_lightly(model: nn.Module, step: Callable[[Tensor, Tensor], Tensor], loader: torch.utils.data.DataLoader,
-                  epochs: int, progress: bool = False) -> float:
-    """``epochs`` passes of ``step`` over ``loader``; returns the wall time in seconds."""
+def lightly_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 scheduler: Any = None, precision: str = "fp32") -> Callable[..., Tensor]:
+    """lightly's SimCLR step on two view batches, ``step(view0, view1)``: two forward passes, NT-Xent, backward,
+    optimizer step (and ``scheduler`` step, when given); no host sync."""
+    return twin_step(PairTwin(model, criterion), optimizer, device, scheduler, precision)
+
+
+def train_lightly(model: nn.Module, step: Callable[..., Tensor], loader: torch.utils.data.DataLoader,
+                  epochs: int, progress: bool = False, name: str = "simclr") -> float:
+    """``epochs`` passes of ``step(*views)`` over ``loader`` (batches of (views, labels)); returns the wall time
+    in seconds."""
     start = time.perf_counter()
     model.train()
     for epoch in range(epochs):
         total, steps = 0.0, 0
-        for (view0, view1), _ in loader:
-            total, steps = step(view0, view1).float() + total, steps + 1  # summed on the device: no sync
+        for views, _ in loader:
+            total, steps = step(*views).float() + total, steps + 1  # summed on the device: no sync
         if progress:
-            print(f"lightly simclr epoch {epoch + 1}/{epochs} loss {float(total) / max(steps, 1):.4f}",
+            print(f"lightly {name} epoch {epoch + 1}/{epochs} loss {float(total) / max(steps, 1):.4f}",
                   file=sys.stderr)
     return time.perf_counter() - start
 

@@ -1,4 +1,4 @@
-"""The setting the SimCLR speed benchmarks (pretrain, augment, extract) share: options, images, both sides.
+"""The setting the speed benchmarks (pretrain, augment, extract) share: options, images, both sides.
 
 Unit: image pairs per second (one source image = two views). Both sides use torchvision's resnet18 (standard
 7x7/2 stem + max-pool, as lightly's examples/pytorch/simclr.py), the same augmentation strengths (lightly's
@@ -9,6 +9,12 @@ itself end to end; its model step alone is ``method.forward_views`` on views mad
 pipeline (``method.augment``). lightly (a benchmark-only extra) runs through bench.peers; without it, its rows
 are skipped with a message. Achieved GFLOP/s count a training step as 3x the forward FLOPs and are compared
 with an sgemm measured in the same run.
+
+BYOL and DINO (``method`` arguments; the pretrain benchmark's ``--method``) are timed the same way: reprlab's
+method with the heads, momentum and view pipelines of ``configs/pretrain/<method>_cifar10.yaml`` (DINO: its two
+32 px global and two 16 px local crops), the same SGD; lightly's twin of it (bench.peer_methods: its heads, loss,
+momentum updates and per-sample transform with the same settings) on torchvision's resnet18. The model step
+alone includes the momentum update on both sides (``after_step`` / lightly's ``update_momentum``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench import peers
+from bench import peer_methods, peers
 from bench.common import REPO_ROOT, PeakMemory, append_jsonl, forward_flops, log, summarize, sync, tune_glibc_malloc
-from reprlab.config import OptimConfig
+from reprlab.config import OptimConfig, PretrainConfig, load_config
 from reprlab.data.datasets import ImageSet, load_dataset
 from reprlab.data.loader import Batches
 from reprlab.data.views import ViewAugment
@@ -39,6 +45,8 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results.jsonl"
 FAST = "bf16+channels_last"
 CONFIGS = {"fp32": ("fp32", False), "channels_last": ("fp32", True), FAST: ("bf16", True)}
 SGD = {"lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4}
+METHODS = ("simclr", "byol", "dino")  # timed methods: SimCLR at the settings above, the others at their configs
+HORIZON = 100_000  # the momentum schedules' total steps in the timed steps (a long run's start)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,12 +147,24 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def method_params(method: str) -> dict[str, Any]:
+    """SimCLR: temperature 0.5, 128-d projection (the setting above); another method: its CIFAR-10 config's."""
+    if method == "simclr":
+        return {"temperature": 0.5, "projection_dim": 128}
+    if method not in METHODS:
+        raise ValueError(f"no speed setting for method {method!r}; choose from {list(METHODS)}")
+    path = REPO_ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml"
+    return dict(load_config(PretrainConfig, path).method.params)
+
+
 def build_reprlab(args: argparse.Namespace, channels_last: bool = False, compile_model: bool = False,
-                  batch_size: int | None = None) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
-    """SimCLR on a fresh encoder with reprlab's defaults, plus its optimizer and per-step schedule."""
+                  batch_size: int | None = None,
+                  method_name: str = "simclr") -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """``method_name`` (SimCLR by default) on a fresh encoder with :func:`method_params`, plus its optimizer and
+    per-step schedule."""
     torch.manual_seed(args.seed)
     encoder = create_encoder(args.encoder, **encoder_kwargs(args))
-    method = build_method("simclr", encoder, {"temperature": 0.5, "projection_dim": 128})
+    method = build_method(method_name, encoder, method_params(method_name))
     if channels_last:
         method.to(memory_format=torch.channels_last)
     if compile_model:
@@ -161,10 +181,20 @@ def make_views(augment: ViewAugment, data: ImageSet, batch_size: int, device: to
     return augment.views(images, n=2, generator=torch.Generator().manual_seed(seed))
 
 
+def method_views(method: nn.Module, data: ImageSet, batch_size: int, device: torch.device, seed: int) -> list[Tensor]:
+    """The float views of one real batch that ``method`` makes itself (``method.views``), drawn from ``seed``."""
+    images = sample(data, batch_size, seed).images.to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return method.views(images)
+
+
 def model_step(method: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, views: list[Tensor],
                precision: str, device: torch.device) -> Callable[[], Tensor]:
     """One optimizer step on ready views: ``method.forward_views`` (encoder, projector, loss, metrics) under
-    engine.fit's autocast, then its zero_grad / backward / step / schedule sequence (no host sync)."""
+    engine.fit's autocast, then its zero_grad / backward / step / schedule / ``after_step`` sequence (the
+    momentum update of BYOL and DINO; nothing for SimCLR), no host sync."""
+    done = [0]
 
     def step() -> Tensor:
         with autocast(device, precision):
@@ -173,20 +203,23 @@ def model_step(method: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
         loss.backward()
         optimizer.step()
         scheduler.step()
+        done[0] += 1
+        method.after_step(done[0], HORIZON)
         return loss.detach()
 
     return step
 
 
 def reprlab_e2e(args: argparse.Namespace, data: ImageSet, config: str, batch_size: int, steps: int,
-                warmup: int, repeats: int, compile_model: bool = False) -> tuple[dict, dict]:
+                warmup: int, repeats: int, compile_model: bool = False,
+                method_name: str = "simclr") -> tuple[dict, dict]:
     """Pairs/s of engine.fit itself (uint8 batches -> device -> views -> step), one fit per timed block."""
     precision, channels_last = CONFIGS[config]
     device = torch.device(args.device)
     options = FitOptions(epochs=1, device=device, precision=precision, channels_last=channels_last,
                          resume=False, progress=False, log_every=args.log_every)
     with PeakMemory(device) as memory:
-        method, optimizer, scheduler = build_reprlab(args, channels_last, compile_model, batch_size)
+        method, optimizer, scheduler = build_reprlab(args, channels_last, compile_model, batch_size, method_name)
 
         def run(n_steps: int, seed: int) -> float:
             batches = Batches(sample(data, n_steps * batch_size, seed), batch_size, seed=seed)
@@ -224,23 +257,49 @@ def build_lightly(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, torch
     return model, criterion, torch.optim.SGD(model.parameters(), **SGD)
 
 
-def lightly_dataset(data: ImageSet, augment: ViewAugment, size: int) -> torch.utils.data.Dataset:
-    """Per-sample SimCLRTransform with ``augment``'s strengths (ImageNet-normalized: torchvision's resnet)."""
-    return peers.PerSampleViews(data.images, data.labels, peers.lightly_transform(augment, size, normalize=True))
+def build_lightly_twin(args: argparse.Namespace, method_name: str) -> peers.LightlyTwin:
+    """lightly's twin of ``method_name`` (bench.peer_methods) on torchvision's resnet18, with the settings of
+    reprlab's method from :func:`method_params` (its transform ImageNet-normalized: torchvision's resnet)."""
+    params = method_params(method_name)
+    with torch.random.fork_rng(devices=[]):  # reprlab's method for its settings only
+        reference = build_method(method_name, create_encoder(args.encoder, **encoder_kwargs(args)), params)
+    torch.manual_seed(args.seed)
+    spec = peer_methods.TwinSpec(peers.torchvision_resnet18(args.cifar_stem), 512,
+                                 peer_methods.method_settings(method_name, params), reference, args.image_size,
+                                 True, HORIZON)
+    return peer_methods.build_twin(method_name, spec)
+
+
+def lightly_model_step(args: argparse.Namespace, method_name: str = "simclr") -> Callable[..., Tensor]:
+    """A fresh lightly model of ``method_name`` and its training step ``step(*views)`` (SGD as above)."""
+    device = torch.device(args.device)
+    if method_name == "simclr":
+        model, criterion, optimizer = build_lightly(args)
+        model.train()
+        return peers.lightly_step(model, criterion, optimizer, device)
+    twin = build_lightly_twin(args, method_name).to(device).train()
+    optimizer = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], **SGD)
+    return peers.twin_step(twin, optimizer, device)
+
+
+def lightly_dataset(data: ImageSet, augment: ViewAugment, size: int,
+                    transform: Callable | None = None) -> torch.utils.data.Dataset:
+    """Per-sample SimCLRTransform with ``augment``'s strengths (ImageNet-normalized: torchvision's resnet), or
+    ``transform`` (a lightly twin's) when given."""
+    transform = transform or peers.lightly_transform(augment, size, normalize=True)
+    return peers.PerSampleViews(data.images, data.labels, transform)
 
 
 def lightly_e2e(args: argparse.Namespace, dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
-                steps: int, warmup: int, repeats: int) -> tuple[dict, dict]:
+                steps: int, warmup: int, repeats: int, method_name: str = "simclr") -> tuple[dict, dict]:
     """Pairs/s of lightly's loop: a fresh DataLoader per timed block feeding its training step."""
     device = torch.device(args.device)
     with PeakMemory(device) as memory:
-        model, criterion, optimizer = build_lightly(args)
-        model.train()
-        step = peers.lightly_step(model, criterion, optimizer, device)
+        step = lightly_model_step(args, method_name)
 
         def consume(batch: Any) -> None:
-            (view0, view1), _ = batch
-            step(view0, view1)
+            views, _ = batch
+            step(*views)
 
         rates = [peers.loader_rate(dataset, batch_size, workers, warmup, steps, consume) for _ in range(repeats)]
     return summarize(rates), memory.as_dict()

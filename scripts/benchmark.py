@@ -9,7 +9,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from bench import augment_speed, data, extract_speed, finetune, knn, pretrain_speed, quality
+from bench import augment_speed, data, distill, extract_speed, finetune, knn, pretrain_speed, quality
 
 BENCHMARKS: dict[str, ModuleType] = {
     "quality": quality,  # pretraining methods on CIFAR-10 vs lightly's SimCLR: kNN / linear probe
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "knn": knn,  # faiss vs scikit-learn vs torch vs lightly
     "finetune": finetune,  # fine-tuning policies at 1% / 10% of the labels
     "data": data,  # image-file loading: reprlab's stream vs ImageFolder + PIL, decode floor, peak RSS by files
+    "distill": distill,  # a teacher distilled into a small student vs SimCLR on it at equal wall time
 }
 
 

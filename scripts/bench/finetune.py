@@ -1,22 +1,28 @@
-"""Fine-tuning policies at 1% / 10% of CIFAR-10 labels vs scratch.
+r"""Fine-tuning policies at 1% / 10% of CIFAR-10 labels vs scratch, with the share of parameters each trains.
 
-Every fine-tuning policy from a SimCLR encoder pretrained by reprlab, beside the same architecture trained
-from scratch; test top-1, mean ± std over seeds.
+Every fine-tuning policy from an encoder pretrained by reprlab (a SimCLR ResNet, or a small ViT for ``lora``),
+beside the same architecture trained from scratch; test top-1, mean ± std over seeds.
 
     python scripts/benchmark.py finetune --encoder runs/simclr_cifar10            # the README table
     python scripts/benchmark.py finetune --encoder /tmp/runs/tiny --limit 600 --epochs 1 1 --seeds 0 \
         --test-limit 500                                                          # smoke run
+    python scripts/benchmark.py finetune --encoder runs/mae_vit_cifar10_cpu --rows linear_probe llrd full lora \
+        scratch                                                                   # LoRA on a small ViT
 
-Rows: ``linear_probe``, ``partial``, ``llrd``, ``gradual``, ``lp_ft`` and ``full`` from the SimCLR encoder,
-and ``full`` from random initialization (supervised from scratch, the architecture read from the encoder's
-run). Each row trains from its recipe ``configs/finetune/<row>_cifar10.yaml`` (optimizer, learning rate,
-policy parameters, augmentation) with the encoder, label fraction, epochs, seeds and data overridden here;
-the overrides are stored in the JSON line, so that config plus those overrides reproduces a README row.
+Rows: ``linear_probe``, ``partial``, ``llrd``, ``gradual``, ``lp_ft``, ``full`` and ``lora`` (rank-8 adapters
+of the attention projections, ``configs/finetune/lora_cifar10.yaml``; a convnet gets conv LoRA) from the
+pretrained encoder, and ``full`` from random initialization (supervised from scratch, the architecture read
+from the encoder's run). Each row trains from its recipe ``configs/finetune/<row>_cifar10.yaml`` (optimizer,
+learning rate, policy parameters, augmentation) with the encoder, label fraction, epochs, seeds and data
+overridden here; the overrides are stored in the JSON line, so that config plus those overrides reproduces a
+README row.
 Policy schedules follow the epochs: ``gradual`` unfreezes one group every ``max(1, epochs // 10)`` epochs,
 ``lp_ft`` probes for ``max(1, epochs // 3)`` epochs. Protocol (reprlab.stages.finetune): the labeled subset
 is stratified and seeded per seed; 2% of train (1,000 images) is the validation split; the epoch with the
-best validation top-1 is kept; the 10,000 test images are scored once, at the end. Prints a markdown table
-and appends one JSON line to ``--out``.
+best validation top-1 is kept; the 10,000 test images are scored once, at the end. "trained" is the share of
+the classifier's parameters (encoder + head, before LoRA's adapters) in the row's optimizer: LoRA's adapters +
+head over encoder + head; 100% for ``full``, and for ``gradual`` and ``lp_ft``, whose optimizer holds every
+parameter for the epochs that unfreeze it. Prints a markdown table and appends one JSON line to ``--out``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROWS = ("linear_probe", "partial", "llrd", "gradual", "lp_ft", "full", "scratch")
+ROWS = ("linear_probe", "partial", "llrd", "gradual", "lp_ft", "full", "lora", "scratch")
 ROW_LABELS = {"scratch": "full, random init (supervised from scratch)"}
 
 
@@ -106,10 +112,28 @@ def run_cell(row: str, args: argparse.Namespace, fraction: float, epochs: int,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     runs = metrics.get("runs", [metrics])  # one seed: metrics.json is that run's
     test = [r["test_top1"] for r in runs]
+    first_run = run_dir if (run_dir / "meta.json").is_file() else run_dir / f"seed{args.seeds[0]}"
+    trained = trained_parameters(cfg, json.loads((first_run / "meta.json").read_text())["num_classes"])
     return {"row": row, "fraction": fraction, "epochs": epochs, "train_images": runs[0]["train_images"],
             "test_top1": test, "mean": _mean(test), "std": _std(test),
             "val_top1": [r["val_top1"] for r in runs], "best_epoch": [r["best_epoch"] for r in runs],
-            "wall_s": wall, "config": str(config_path.relative_to(REPO_ROOT)), "overrides": overrides}
+            **trained, "wall_s": wall, "config": str(config_path.relative_to(REPO_ROOT)), "overrides": overrides}
+
+
+def trained_parameters(cfg: Any, num_classes: int) -> dict[str, Any]:
+    """Parameters the row's optimizer updates (at any epoch: the policy's parameter groups) over those of the
+    classifier (encoder + head; for LoRA counted before its adapters are added), on a fresh copy of it."""
+    from reprlab.finetune.classifier import Classifier
+    from reprlab.finetune.policies import build_policy
+    from reprlab.stages.finetune import source_encoder
+
+    with torch.random.fork_rng(devices=[]):  # building a head draws numbers: leave the caller's stream alone
+        classifier = Classifier(source_encoder(cfg), num_classes, dropout=cfg.head.dropout, init=cfg.head.init)
+    total = sum(p.numel() for p in classifier.parameters())
+    policy = build_policy(cfg.policy.name, cfg.policy.params)
+    groups = policy.attach(classifier, cfg.optim.weight_decay, cfg.optim.exclude_bn_bias)
+    trained = sum(p.numel() for group in groups for p in group["params"])
+    return {"trained_params": trained, "total_params": total, "trained_fraction": trained / total}
 
 
 def _mean(values: list[float]) -> float:
@@ -123,14 +147,15 @@ def _std(values: list[float]) -> float:
 def markdown(cells: list[dict[str, Any]], fractions: list[float]) -> str:
     rows = list(dict.fromkeys(c["row"] for c in cells))
     by_key = {(c["row"], c["fraction"]): c for c in cells}
-    header = "| policy | " + " | ".join(f"{100 * f:g}% labels" for f in fractions) + " |"
-    lines = [header, "|" + " --- |" * (len(fractions) + 1)]
+    header = "| policy | trained | " + " | ".join(f"{100 * f:g}% labels" for f in fractions) + " |"
+    lines = [header, "| --- | ---: |" + " --- |" * len(fractions)]
     for row in rows:
         values = []
         for fraction in fractions:
             cell = by_key.get((row, fraction))
             values.append(f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}" if cell else "-")
-        lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(values) + " |")
+        share = next(c["trained_fraction"] for c in cells if c["row"] == row)
+        lines.append(f"| {ROW_LABELS.get(row, row)} | {100 * share:.3g}% | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -185,12 +210,14 @@ def main(args: argparse.Namespace) -> int:
             cells.append(cell)
     table = markdown(cells, args.fractions)
     print(f"\nCIFAR-10 test top-1 (%), mean ± std over seeds {args.seeds}; encoder {args.encoder} "
-          f"({meta.get('method', '?')}, {arch['name']})\n")
+          f"({meta.get('method', '?')}, {arch['name']}); trained: the share of encoder + head parameters the "
+          f"policy updates\n")
     print(table)
     print("\n" + budget(cells, args))
     record = {"benchmark": "finetune", "encoder": args.encoder, "method": meta.get("method"),
               "arch": arch["name"], "data": args.data, "fractions": args.fractions, "epochs": args.epochs,
-              "seeds": args.seeds, "limit": args.limit, "test_limit": args.test_limit, "cells": cells,
+              "seeds": args.seeds, "limit": args.limit, "test_limit": args.test_limit,
+              "trained_fraction": {c["row"]: c["trained_fraction"] for c in cells}, "cells": cells,
               "table": table, "environment": environment()}
     log(f"appended to {append_jsonl(out, record)}")
     return 0

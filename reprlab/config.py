@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which images to use. ``name``: digits | npz:<dir> | folder:<dir> | list:<file.csv|.txt> | cifar10 |
-    cifar100 | stl10 | mnist | fashion_mnist."""
+    """Which images to use. ``name``: digits | npz:<dir> | folder:<dir> | list:<file.csv|.txt> |
+    shards:<tar dir|glob|pattern> | cifar10 | cifar100 | stl10 | mnist | fashion_mnist."""
 
     name: str = "digits"
     root: str = "data"  # where torchvision datasets live (and are downloaded to when download: true)

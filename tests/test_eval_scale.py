@@ -258,7 +258,7 @@ def test_streamed_evaluation_equals_in_memory_and_keeps_large_features_on_disk(t
     for label, expected in memory["encoders"].items():
         got = disk["encoders"][label]
         for key in ("knn_top1", "knn_top5", "knn_k", "knn_temperature", "knn_grid", "retrieval"):
-            assert got[key] == pytest.approx(expected[key]), key
+            _assert_close(got[key], expected[key], key)
         assert abs(got["linear_probe_top1"] - expected["linear_probe_top1"]) <= 1 / 6 + 1e-6  # 6 test images
         assert "sklearn_probe_top1" not in got and "scikit-learn needs them in memory" in got["sklearn_probe_skipped"]
         assert got["quality"] == pytest.approx(expected["quality"], rel=1e-4)
@@ -287,3 +287,19 @@ def test_bad_scale_settings_fail_in_one_line(tmp_path: Path) -> None:
                               ("knn.recall_queries=-1", "knn.recall_queries=-1")):
         with pytest.raises(ConfigError, match=message):
             _evaluate(tmp_path, tmp_path, "x", override)
+
+
+def _assert_close(got, expected, where: str) -> None:
+    """Equal structure, numbers within pytest.approx's default tolerance (approx itself refuses nesting)."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_close(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_close(g, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected), where
+    else:
+        assert got == expected, where

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,12 @@ def test_wandb_runs_offline(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (records,) = runs[0].glob("run-*.wandb")  # what `wandb sync` uploads later: protobuf records
+    expected = (b"train/loss", b"epoch/loss", b"optim")
+    deadline = time.monotonic() + 60  # wandb's service process may still be flushing after finish()
+    while not all(key in records.read_bytes() for key in expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
     data = records.read_bytes()
-    assert b"train/loss" in data and b"epoch/loss" in data and b"optim" in data
+    assert all(key in data for key in expected), data[:200]
 
 
 def test_mlflow_logs_to_a_local_store(tmp_path, monkeypatch):

@@ -21,7 +21,6 @@ would have seen, in its order; with others, the epoch is another deterministic o
 
 from __future__ import annotations
 
-import copy
 import random
 import warnings
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,7 @@ from reprlab.data.decode import fit_square, image_from_bytes, preload
 from reprlab.data.files import collate
 from reprlab.data.loader import steps_per_epoch
 from reprlab.data.shards import ShardSet
+from reprlab.data.stream import HostStream
 
 SHUFFLE_BUFFER = 1000  # samples per worker (encoded bytes): WebDataset's usual size
 T = TypeVar("T")
@@ -111,7 +111,7 @@ class _Runs(torch.utils.data.IterableDataset):
         return collate(items)
 
 
-class ShardBatches:
+class ShardBatches(HostStream):
     """Stream ``{"images": uint8 (B, C, S, S), "labels": (B,), "index": (B,)}`` batches from the tar shards of
     a :class:`ShardSet` (``index``: the position in ``split.files``), read in sequence and decoded in
     ``num_workers`` DataLoader processes. ``skipped`` holds the indices of the images found unreadable."""
@@ -136,16 +136,6 @@ class ShardBatches:
         self.num_workers, self.shuffle_buffer, self.prefetch_factor = num_workers, shuffle_buffer, prefetch_factor
         self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
         self.skipped: set[int] = set()
-        self.pin_memory = False
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def to_device(self, device: torch.device) -> ShardBatches:
-        """A stream stays on the host; on CUDA its batches come in pinned memory (asynchronous copies)."""
-        streamed = copy.copy(self)
-        streamed.pin_memory = torch.device(device).type == "cuda"
-        return streamed
 
     def shard_order(self, epoch: int) -> Tensor:
         """The shards of ``epoch`` in reading order (seeded by (seed, epoch), the same on every rank)."""

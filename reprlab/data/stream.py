@@ -27,7 +27,24 @@ from reprlab.data.files import DecodedFiles, FileSet, collate, scan_folder
 from reprlab.data.loader import epoch_order, steps_per_epoch
 
 
-class FolderBatches:
+class HostStream:
+    """What every streamed batch source shares: batches are decoded on the host in DataLoader workers, so the
+    source stays there, and on CUDA its batches come in pinned memory (asynchronous copies)."""
+
+    steps_per_epoch: int
+    pin_memory: bool = False
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def to_device(self, device: torch.device) -> HostStream:
+        """A copy that pins its batches when ``device`` is CUDA."""
+        streamed = copy.copy(self)
+        streamed.pin_memory = torch.device(device).type == "cuda"
+        return streamed
+
+
+class FolderBatches(HostStream):
     """Stream ``{"images": uint8 (B, C, image_size, image_size), "labels": (B,), "index": (B,)}`` batches from
     image files, decoded and resized in ``num_workers`` DataLoader processes (0: in this process).
 
@@ -63,16 +80,6 @@ class FolderBatches:
         self.num_workers, self.channels, self.prefetch_factor = num_workers, channels, prefetch_factor
         self.skipped: set[int] = set()
         self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
-        self.pin_memory = False
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def to_device(self, device: torch.device) -> FolderBatches:
-        """A stream stays on the host; on CUDA its batches come in pinned memory (asynchronous copies)."""
-        streamed = copy.copy(self)
-        streamed.pin_memory = torch.device(device).type == "cuda"
-        return streamed
 
     def order(self, epoch: int) -> Tensor:
         """This rank's file indices for ``epoch`` (the first ``len(self) * batch_size`` are used)."""

@@ -94,12 +94,16 @@ def test_finetune_lora_row_trains_under_5_percent_of_a_small_vit(tmp_path, toy_n
     args = parse(monkeypatch, "finetune", "--encoder", str(tmp_path / "vit"), "--data", f"npz:{toy_npz}",
                  "--rows", "lora", "full", "linear_probe", "--fractions", "0.5", "--epochs", "1", "--seeds", "0",
                  "--batch-size", "32", "--val-fraction", "0.1", "--device", "cpu",
-                 "--out-dir", str(tmp_path / "ft"), "--out", str(out))
+                 "--out-dir", str(tmp_path / "ft"), "--out", str(out), "--set", "optim.lr=2.5e-4")
     from bench import finetune
 
     assert finetune.main(args) == 0
     record = json.loads(out.read_text().splitlines()[-1])
     cells = {cell["row"]: cell for cell in record["cells"]}
+    for row in ("lora", "full", "linear_probe"):  # --set reaches every row's config, and the record says so
+        assert cells[row]["overrides"][-1] == "optim.lr=2.5e-4"
+        meta = json.loads((tmp_path / "ft" / f"{row}_0.5" / "meta.json").read_text())
+        assert meta["config"]["optim"]["lr"] == 2.5e-4
     encoder_params = sum(p.numel() for p in vit.parameters())
     head = 192 * 4 + 4
     lora = 2 * 8 * (192 + 3 * 192)  # rank 8 on each block's fused qkv Linear (192 -> 576): A and B

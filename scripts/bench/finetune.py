@@ -16,6 +16,7 @@ from the encoder's run). Each row trains from its recipe ``configs/finetune/<row
 learning rate, policy parameters, augmentation) with the encoder, label fraction, epochs, seeds and data
 overridden here; the overrides are stored in the JSON line, so that config plus those overrides reproduces a
 README row.
+``--set key=value ...`` adds overrides to every row (after the benchmark's own), e.g. a ViT's own learning rate.
 Policy schedules follow the epochs: ``gradual`` unfreezes one group every ``max(1, epochs // 10)`` epochs,
 ``lp_ft`` probes for ``max(1, epochs // 3)`` epochs. Protocol (reprlab.stages.finetune): the labeled subset
 is stratified and seeded per seed; 2% of train (1,000 images) is the validation split; the epoch with the
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="runs/bench/finetune", help="where the fine-tuning runs go")
     parser.add_argument("--out", default="runs/bench/finetune.jsonl", help="JSON-lines file to append to")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every row, after the benchmark's own (e.g. optim.lr=2.5e-4 "
+                             "for a ViT's full fine-tuning); stored with each cell")
 
 
 def epochs_per_fraction(args: argparse.Namespace) -> list[int]:
@@ -94,7 +98,7 @@ def row_overrides(row: str, args: argparse.Namespace, fraction: float, epochs: i
         overrides.append(f"policy.params.epochs_per_group={max(1, epochs // 10)}")
     if row == "lp_ft":
         overrides.append(f"policy.params.probe_epochs={max(1, epochs // 3)}")
-    return overrides
+    return overrides + list(args.overrides)
 
 
 def run_cell(row: str, args: argparse.Namespace, fraction: float, epochs: int,

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="runs/bench/finetune", help="where the fine-tuning runs go")
     parser.add_argument("--out", default="runs/bench/finetune.jsonl", help="JSON-lines file to append to")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every row, after the benchmark's own (e.g. optim.lr=2.5e-4 "
                              "for a ViT's full fine-tuning); stored with each cell")
 
@@ -98,7 +98,7 @@ def row_overrides(row: str, args: argparse.Namespace, fraction: float, epochs: i
         overrides.append(f"policy.params.epochs_per_group={max(1, epochs // 10)}")
     if row == "lp_ft":
         overrides.append(f"policy.params.probe_epochs={max(1, epochs // 3)}")
-    return overrides + list(args.overrides)
+    return overrides + list(args.set)
 
 
 def run_cell(row: str, args: argparse.Namespace, fraction: float, epochs: int,

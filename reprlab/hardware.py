@@ -35,11 +35,20 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
+    """The model name, with the x86 family and model numbers where /proc/cpuinfo has them: virtual machines
+    often report one name ("AMD EPYC") for processor generations that differ in speed and flags."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
+        fields: dict[str, str] = {}
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the end of the first processor's block
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            generation = (f" (family {fields['cpu family']}, model {fields['model']})"
+                          if "cpu family" in fields and "model" in fields else "")
+            return fields["model name"] + generation
     return platform.processor() or platform.machine()
 
 

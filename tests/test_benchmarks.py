@@ -35,6 +35,21 @@ def test_help_lists_every_benchmark_with_a_description():
                                                  "--quality-check"))
 
 
+def test_the_auto_config_runs_as_the_engine_resolves_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench.speed_setup import resolved
+
+    from reprlab import hardware
+    from reprlab.models.encoders import create_encoder
+
+    encoder, cpu = create_encoder("resnet18"), torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert resolved("auto", cpu, encoder) == ("bf16", True)
+    assert resolved("fp32", cpu, encoder) == ("fp32", False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resolved("auto", cpu, encoder) == ("fp32", False)
+
+
 def test_model_step_trains_the_method_on_ready_views(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     from bench.common import throughput

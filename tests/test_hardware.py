@@ -93,3 +93,15 @@ def test_processor_names_the_cpu_and_the_flags_that_matter():
     assert info["cpu"] and isinstance(info["flags"], list)
     assert set(info["flags"]) <= set(hardware.FLAGS_THAT_MATTER)
     assert info["native_bf16_cpu"] == bool({"avx512_bf16", "amx_bf16"} & hardware.cpu_flags())
+
+
+def test_cpu_name_carries_the_family_and_model(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: avx2\n\nprocessor\t: 1\ncpu family\t: 25\n")
+    monkeypatch.setattr(hardware, "Path", lambda _: cpuinfo)
+    hardware.cpu_name.cache_clear()
+    try:
+        assert hardware.cpu_name() == "AMD EPYC (family 26, model 2)"
+    finally:
+        hardware.cpu_name.cache_clear()

@@ -44,6 +44,7 @@ from bench.speed_setup import (
     model_flops,
     model_step,
     reprlab_e2e,
+    resolved,
     run_and_record,
     timing,
     training_gflops,
@@ -75,7 +76,8 @@ def measure_sgemm(args: argparse.Namespace) -> dict[str, float]:
     """GFLOP/s of fp32 matmuls and, when a --configs entry runs in bf16, of bf16 ones (minutes on CPUs without
     bf16 instructions: skipped when nothing needs it)."""
     device = torch.device(args.device)
-    precisions = ["fp32", *({CONFIGS[c][0] for c in args.configs} - {"fp32"})]
+    model = build_reprlab(args)[0]
+    precisions = ["fp32", *({resolved(c, device, model)[0] for c in args.configs} - {"fp32"})]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     return {p: sgemm_gflops(dtype=dtypes[p], device=device) for p in precisions}
 
@@ -151,7 +153,9 @@ def time_reprlab(args: argparse.Namespace, data: ImageSet, augment: Any, views: 
     table.add("reprlab", "any", "augment", throughput(lambda: augment.views(next(stream)["images"].to(device)),
                                                       batch, device=device, **timing(args)))
     for config in args.configs:
-        precision, channels_last = CONFIGS[config]
+        precision, channels_last = resolved(config, device, build_reprlab(args, method_name=method)[0])
+        if config == "auto":
+            log(f"auto resolves to {precision}{' + channels_last' if channels_last else ''} on this {device.type}")
         task, optimizer, scheduler = build_reprlab(args, channels_last, method_name=method)
         step = model_step(task, optimizer, scheduler, views, precision, device)
         table.add("reprlab", config, "model", throughput(step, batch, device=device, **timing(args)),
@@ -163,7 +167,7 @@ def time_reprlab(args: argparse.Namespace, data: ImageSet, augment: Any, views: 
         log(f"compiling {config} (minutes on a small CPU) ...")
         stats, memory = reprlab_e2e(args, data, config, batch, args.steps, args.warmup + 2, args.repeats,
                                     compile_model=True, method_name=method)
-        table.add("reprlab", f"{config}+compile", "e2e", stats, memory, gemm=CONFIGS[config][0])
+        table.add("reprlab", f"{config}+compile", "e2e", stats, memory, gemm=resolved(config, device, task)[0])
 
 
 def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,5 +205,9 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"],
                 title="reprlab / lightly (best lightly setting)")
     print(f"sgemm: {sgemm_text(sgemm)}; SimCLR forward {flops / 1e6:.1f} MFLOP per image (x3 per training step)")
-    return {"bench": "pretrain", "env": environment(), "args": vars(args), "sgemm_gflops": sgemm,
+    model = build_reprlab(args)[0]
+    numerics = {config: dict(zip(("precision", "channels_last"), resolved(config, device, model)))
+                for config in args.configs}  # what each configuration ran as here (auto: bf16 where native)
+    return {"bench": "pretrain", "env": environment(), "args": vars(args), "numerics": numerics,
+            "sgemm_gflops": sgemm,
             "forward_mflops_per_image": flops / 1e6, "results": rows, "ratios": ratios, "ablation": ablated}

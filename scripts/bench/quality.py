@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train images for the kNN bank and the probe (val is 10%% of them; default all)")
     parser.add_argument("--test-limit", type=int, default=None, help="test images to score (default all 10k)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (pretraining)")
+    parser.add_argument("--precision", default="fp32",
+                        help="auto | fp32 | bf16 | fp16: pretraining and feature extraction (fp16: fp32 features)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds: each method (and its lightly twin) runs once per seed")
@@ -135,6 +136,7 @@ def train_lightly(method: str, args: argparse.Namespace, seed: int) -> tuple[tor
     config and its optimizer and schedule (bench.peer_methods)."""
     from reprlab import distributed
     from reprlab.data.datasets import load_dataset
+    from reprlab.hardware import resolve_numerics
     from reprlab.models.encoders import create_encoder
     from reprlab.optim import build_optimization
     from reprlab.ssl import build_method
@@ -158,7 +160,8 @@ def train_lightly(method: str, args: argparse.Namespace, seed: int) -> tuple[tor
     twin = twin.to(device)
     optim = peer_methods.rescaled_optim(cfg.optim, twin.optim_scale)
     optimizer, scheduler = build_optimization(optim, twin, batch_size, len(loader), args.epochs)
-    step = peers.twin_step(twin, optimizer, device, scheduler, args.precision, cfg.train.grad_clip)
+    precision = resolve_numerics(args.precision, False, device, encoder).precision  # auto as reprlab's runs
+    step = peers.twin_step(twin, optimizer, device, scheduler, precision, cfg.train.grad_clip)
     wall = peers.train_lightly(twin, step, loader, args.epochs, progress=args.progress, name=method)
     return twin.evaluated_encoder().eval(), wall, {
         "lightly": peers.lightly_version(), "workers": args.lightly_workers, "batch_size": batch_size,
@@ -180,16 +183,18 @@ def evaluation_data(args: argparse.Namespace):
     return {"train": data.train, "val": data.val, "test": test}
 
 
-def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: int) -> dict[str, Any]:
+def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: int,
+          precision: str = "fp32") -> dict[str, Any]:
     """kNN (k=200, T=0.1 and k=20, T=0.07, fixed: no selection) and linear-probe top-1 on the test split, and
-    the test features' effective rank and embedding std."""
+    the test features' effective rank and embedding std; features extracted at ``precision`` (the run's)."""
     from reprlab.config import EvaluateConfig, KNNConfig
     from reprlab.evaluate.features import extract_features
     from reprlab.evaluate.knn import knn_classify
     from reprlab.evaluate.quality import effective_rank, embedding_std
     from reprlab.evaluate.suite import Split, evaluate_features
 
-    feats = {name: Split(extract_features(encoder, split.images, 512, device), split.labels)
+    feats = {name: Split(extract_features(encoder, split.images, 512, device, precision=precision),
+                         split.labels)
              for name, split in splits.items()}
     cfg = EvaluateConfig(knn=KNNConfig(k=200, temperature=0.1, select_on_val=False), retrieval_ks=[],
                          linear_probe=True, sklearn_probe=False, quality_images=0, report=False, seed=seed)
@@ -243,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
 
     def record(label: str, encoder: torch.nn.Module, wall: float | None, seed: int, extra: dict | None = None) -> None:
         start = time.perf_counter()
-        metrics = score(encoder, splits, device, seed)
+        metrics = score(encoder, splits, device, seed, args.precision)
         eval_s = time.perf_counter() - start
         rows.append({"label": label, "seed": seed, "wall_s": wall, "eval_s": eval_s, "metrics": metrics,
                      **({"details": extra} if extra else {})})

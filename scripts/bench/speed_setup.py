@@ -35,15 +35,17 @@ from reprlab.data.datasets import ImageSet, load_dataset
 from reprlab.data.loader import Batches
 from reprlab.data.views import ViewAugment
 from reprlab.engine import FitOptions, fit
+from reprlab.hardware import resolve_numerics
 from reprlab.models.encoders import create_encoder
 from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
 
 DEFAULT_DATA = "npz:/work/shared/data/cifar10"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results.jsonl"
-# reprlab configurations: name -> (train.precision, train.channels_last); bf16 is the candidate CPU default
+# reprlab configurations: name -> (train.precision, train.channels_last); auto is every stage's default, which
+# resolves to FAST on a processor with native bf16 and to fp32 elsewhere (reprlab.hardware.resolve_numerics)
 FAST = "bf16+channels_last"
-CONFIGS = {"fp32": ("fp32", False), "channels_last": ("fp32", True), FAST: ("bf16", True)}
+CONFIGS = {"auto": ("auto", False), "fp32": ("fp32", False), "channels_last": ("fp32", True), FAST: ("bf16", True)}
 SGD = {"lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4}
 METHODS = ("simclr", "byol", "dino")  # timed methods: SimCLR at the settings above, the others at their configs
 HORIZON = 100_000  # the momentum schedules' total steps in the timed steps (a long run's start)
@@ -157,6 +159,13 @@ def method_params(method: str) -> dict[str, Any]:
     return dict(load_config(PretrainConfig, path).method.params)
 
 
+def resolved(config: str, device: torch.device, model: nn.Module) -> tuple[str, bool]:
+    """(precision, channels_last) that a --configs entry runs ``model`` with on ``device`` (``auto`` resolved as
+    engine.fit resolves ``train.precision: auto``)."""
+    numerics = resolve_numerics(*CONFIGS[config], device, model)
+    return numerics.precision, numerics.channels_last
+
+
 def build_reprlab(args: argparse.Namespace, channels_last: bool = False, compile_model: bool = False,
                   batch_size: int | None = None,
                   method_name: str = "simclr") -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -213,7 +222,8 @@ def model_step(method: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
 def reprlab_e2e(args: argparse.Namespace, data: ImageSet, config: str, batch_size: int, steps: int,
                 warmup: int, repeats: int, compile_model: bool = False,
                 method_name: str = "simclr") -> tuple[dict, dict]:
-    """Pairs/s of engine.fit itself (uint8 batches -> device -> views -> step), one fit per timed block."""
+    """Pairs/s of engine.fit itself (uint8 batches -> device -> views -> step), one fit per timed block; the
+    configuration goes to fit as configured, so ``auto`` is resolved by the engine as in a real run."""
     precision, channels_last = CONFIGS[config]
     device = torch.device(args.device)
     options = FitOptions(epochs=1, device=device, precision=precision, channels_last=channels_last,

@@ -338,7 +338,8 @@ def pretrain_args(out_dir: Path) -> list[str]:
     return ["pretrain", "--config", str(ROOT / "configs/pretrain/dino_digits.yaml"), "name=run",
             f"out_dir={out_dir}", "encoder.name=timm:test_resnet", "encoder.kwargs={}", "data.limit=64",
             "train.batch_size=8", "train.epochs=2", "train.device=cpu", "train.precision=fp32",
-            "train.checkpoint_every_steps=3", "train.log_every=2", "train.progress=false", "monitor.every_epochs=0", "method.params.out_dim=32",
+            "train.checkpoint_every_steps=3", "train.log_every=2", "train.progress=false", "monitor.every_epochs=0",
+            "method.params.out_dim=32",
             "method.params.hidden_dim=16", "method.params.freeze_last_layer=0.5"]
 
 

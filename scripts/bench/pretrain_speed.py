@@ -72,12 +72,11 @@ def main(args: argparse.Namespace) -> int:
     return run_and_record(args, run)
 
 
-def measure_sgemm(args: argparse.Namespace) -> dict[str, float]:
+def measure_sgemm(args: argparse.Namespace, numerics: dict[str, dict]) -> dict[str, float]:
     """GFLOP/s of fp32 matmuls and, when a --configs entry runs in bf16, of bf16 ones (minutes on CPUs without
     bf16 instructions: skipped when nothing needs it)."""
     device = torch.device(args.device)
-    model = build_reprlab(args)[0]
-    precisions = ["fp32", *({resolved(c, device, model)[0] for c in args.configs} - {"fp32"})]
+    precisions = ["fp32", *({n["precision"] for n in numerics.values()} - {"fp32"})]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     return {p: sgemm_gflops(dtype=dtypes[p], device=device) for p in precisions}
 
@@ -144,7 +143,7 @@ def time_lightly(args: argparse.Namespace, data: ImageSet, augment: ViewAugment,
 
 
 def time_reprlab(args: argparse.Namespace, data: ImageSet, augment: Any, views: list[Tensor],
-                 table: PretrainTable) -> None:
+                 table: PretrainTable, numerics: dict[str, dict]) -> None:
     """reprlab's rows for ``table.method``: the pipeline alone (``augment.views``: uint8 batch on the device ->
     the views; SimCLR's ViewAugment, another method itself), the
     model step on the ready views per configuration, engine.fit end to end (and compiled, with --compile)."""
@@ -153,9 +152,7 @@ def time_reprlab(args: argparse.Namespace, data: ImageSet, augment: Any, views: 
     table.add("reprlab", "any", "augment", throughput(lambda: augment.views(next(stream)["images"].to(device)),
                                                       batch, device=device, **timing(args)))
     for config in args.configs:
-        precision, channels_last = resolved(config, device, build_reprlab(args, method_name=method)[0])
-        if config == "auto":
-            log(f"auto resolves to {precision}{' + channels_last' if channels_last else ''} on this {device.type}")
+        precision, channels_last = numerics[config]["precision"], numerics[config]["channels_last"]
         task, optimizer, scheduler = build_reprlab(args, channels_last, method_name=method)
         step = model_step(task, optimizer, scheduler, views, precision, device)
         table.add("reprlab", config, "model", throughput(step, batch, device=device, **timing(args)),
@@ -167,7 +164,7 @@ def time_reprlab(args: argparse.Namespace, data: ImageSet, augment: Any, views: 
         log(f"compiling {config} (minutes on a small CPU) ...")
         stats, memory = reprlab_e2e(args, data, config, batch, args.steps, args.warmup + 2, args.repeats,
                                     compile_model=True, method_name=method)
-        table.add("reprlab", f"{config}+compile", "e2e", stats, memory, gemm=resolved(config, device, task)[0])
+        table.add("reprlab", f"{config}+compile", "e2e", stats, memory, gemm=numerics[config]["precision"])
 
 
 def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,7 +173,11 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--ablate times SimCLR's model step: add simclr to --method")
     data = load_images(args.data, args.limit, args.seed, size)
     log(f"data: {len(data)} images {tuple(data.images.shape[1:])}")
-    sgemm = measure_sgemm(args)
+    model = build_reprlab(args)[0]  # the same encoder for every method: one resolution of each configuration
+    numerics = {config: dict(zip(("precision", "channels_last"), resolved(config, device, model)))
+                for config in args.configs}
+    log(f"configurations run as: {numerics}")
+    sgemm = measure_sgemm(args, numerics)
     flops = model_flops(args, size)
     log(f"sgemm {sgemm_text(sgemm)}; forward {flops / 1e6:.1f} MFLOP/image")
     table = PretrainTable(flops, sgemm)
@@ -193,7 +194,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
             time_lightly(args, data, augment, views, table)
         elif args.lightly:
             log(peers.LIGHTLY_MISSING)
-        time_reprlab(args, data, augment, views, table)
+        time_reprlab(args, data, augment, views, table, numerics)
     ratios = table.ratios()
     ablated = ablation.run(args, data, simclr_augment, simclr_views) if args.ablate else None
     order = {method: i for i, method in enumerate(args.method)}  # stable: per method, reprlab rows first
@@ -205,9 +206,6 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"],
                 title="reprlab / lightly (best lightly setting)")
     print(f"sgemm: {sgemm_text(sgemm)}; SimCLR forward {flops / 1e6:.1f} MFLOP per image (x3 per training step)")
-    model = build_reprlab(args)[0]
-    numerics = {config: dict(zip(("precision", "channels_last"), resolved(config, device, model)))
-                for config in args.configs}  # what each configuration ran as here (auto: bf16 where native)
     return {"bench": "pretrain", "env": environment(), "args": vars(args), "numerics": numerics,
             "sgemm_gflops": sgemm,
             "forward_mflops_per_image": flops / 1e6, "results": rows, "ratios": ratios, "ablation": ablated}

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from reprlab import checkpoint, distributed
 from reprlab.contracts import BatchSource, Callback, Task
+from reprlab.cpu_bf16_convs import guard_cpu_bf16_convs
 from reprlab.hardware import resolve_numerics
 from reprlab.loggers import MetricsLoggers
 
@@ -215,6 +216,8 @@ class _Run:
             self.task = task = distributed.convert_sync_batchnorm(task, self.device)
         self.model, self.trainable = _wrap_ddp(task, self.device), _trainable(task)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
+        self.conv_guards = (guard_cpu_bf16_convs(self.task) if self.numerics.precision == "bf16"
+                            and self.device.type == "cpu" else [])
 
     def _resume_or_restart(self) -> None:
         path, options = self.state_path, self.options
@@ -237,6 +240,8 @@ class _Run:
 
     def __exit__(self, *exc: object) -> None:
         self.log.close()
+        for handle in self.conv_guards:
+            handle.remove()
 
     def rewrap_if_unfrozen(self) -> None:
         """DDP only syncs the parameters that required grad when it was built: rewrap after a policy change."""

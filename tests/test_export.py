@@ -22,12 +22,13 @@ from reprlab.models.encoders import PatchPooling, create_encoder
 REPO = Path(__file__).resolve().parents[1]
 
 # Before the snippet: drop the repo and reprlab's editable-install finder from the import system and put a
-# blocker in front (so a regular install is no way in either), then prove `import reprlab` fails.
+# blocker in front (so a regular install is no way in either), then prove `import reprlab` fails. A virtual
+# environment inside the repo (.venv) keeps its site-packages: that is where numpy and torch come from.
 PRELUDE = f"""\
 import importlib.abc
 import sys
 
-sys.path[:] = [p for p in sys.path if p and not p.startswith({str(REPO)!r})]
+sys.path[:] = [p for p in sys.path if p and (not p.startswith({str(REPO)!r}) or p.startswith(sys.prefix))]
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 
 

@@ -1,0 +1,95 @@
+"""The guard around oneDNN's wrong bf16 weight gradient for one-column-wide strided convolutions on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reprlab.contracts import Task
+from reprlab.cpu_bf16_convs import at_risk, guard_cpu_bf16_convs, output_width
+from reprlab.data.datasets import ImageSet
+from reprlab.data.loader import Batches
+from reprlab.engine import FitOptions, fit
+
+CPU = torch.device("cpu")
+
+
+def _weight_grad(conv: nn.Conv2d, images: Tensor, upstream: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(images)
+    out.backward(upstream)
+    return conv.weight.grad.double(), out
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "size"),
+                         [(3, 2, 1, (1, 1)), (3, 2, 1, (4, 1)), (5, 3, 2, (2, 2)), (7, 2, 3, (1, 1)),
+                          (3, 2, 1, (5, 5))])  # the last one is not at risk: a 3-wide output stays in bf16
+def test_guarded_weight_gradients_match_a_float64_reference(kernel, stride, padding, size, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, kernel, stride=stride, padding=padding, bias=False)
+    handles = guard_cpu_bf16_convs(conv)
+    one_wide = output_width(conv, size[1]) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):  # the bug reads uninitialised memory, so a single try can pass by luck
+            images = torch.randn(8, 16, *size)
+            upstream = torch.randn(8, 32, (size[0] + 2 * padding - kernel) // stride + 1, output_width(conv, size[1]))
+            grad, out = _weight_grad(conv, images, upstream, channels_last)
+            # fp32 for the guarded call, so the reference is exact math on the fp32 inputs; bf16 inputs otherwise
+            inputs = images.double() if one_wide else images.bfloat16().double()
+            reference = torch.nn.grad.conv2d_weight(inputs, conv.weight.shape, upstream.double(), stride=stride,
+                                                    padding=padding)
+            assert out.dtype == (torch.float32 if one_wide else torch.bfloat16)
+            assert (grad - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert bool(caught) == one_wide and all("oneDNN" in str(w.message) for w in caught)
+    for handle in handles:
+        handle.remove()
+    assert not conv._forward_pre_hooks and not conv._forward_hooks
+
+
+def test_only_strided_wide_kernels_are_hooked_and_inference_is_untouched():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1, stride=2),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding="same"))
+    assert [at_risk(m) for m in net] == [True, False, False, False]
+    handles = guard_cpu_bf16_convs(net)
+    assert len(handles) == 2  # a pre-hook and a hook on the first conv only
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no gradient, nothing to guard
+        assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.bfloat16
+    assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # no autocast: the hooks do nothing
+
+
+class _SmallConvnet(Task):
+    """Two strided 3x3 convs that shrink 8 px images to one pixel, as ResNets do to the built-in digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, stride=4, padding=1), nn.ReLU(),
+                                 nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                                 nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(32, 4))
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = self.net(batch["images"].float() / 255).float()
+        return {"loss": F.cross_entropy(logits, batch["labels"])}
+
+
+def test_bf16_training_on_cpu_stays_finite_and_leaves_no_hooks(tmp_path):
+    torch.manual_seed(0)
+    task = _SmallConvnet()
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    data = ImageSet(images, torch.arange(64) % 4, list("abcd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fit(task, Batches(data, 16, seed=0), torch.optim.SGD(task.parameters(), lr=0.05), None,
+                     FitOptions(epochs=3, device=CPU, run_dir=tmp_path, precision="bf16", progress=False))
+    assert result.numerics["precision"] == "bf16" and result.global_step == 12
+    assert all(p.isfinite().all() for p in task.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in task.modules())

@@ -246,3 +246,26 @@ def test_quality_table_shows_mean_and_std_over_seeds(monkeypatch):
     lines = format_table(rows).splitlines()
     assert lines[2].startswith("| reprlab byol | 256 | 2 | 51.00 ± 1.41 |") and "2.0 ± 1.4 min" in lines[2]
     assert lines[3].startswith("| lightly byol | 256 | 1 | 40.00 |") and lines[3].endswith("| 2.0 min |")
+
+
+def test_a_diverged_run_is_named_in_the_table_and_not_scored(monkeypatch):
+    """Non-finite features (a run that diverged) give no scores instead of stopping the whole benchmark."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench.quality import score
+    from bench.quality_table import format_table
+
+    from reprlab.data.datasets import ImageSet
+
+    class NaNEncoder(torch.nn.Module):
+        def forward(self, images):
+            return torch.full((images.shape[0], 4), float("nan"))
+
+    split = ImageSet(torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.arange(8) % 2, ["a", "b"])
+    splits = {"train": split, "val": split, "test": split}
+    assert score(NaNEncoder(), splits, torch.device("cpu"), seed=0) == {"non_finite_features": True}
+    ok = {"knn_top1": 0.5, "knn20_top1": 0.5, "linear_probe_top1": 0.5, "test_effective_rank": 2.0,
+          "test_embedding_std": 0.1}
+    rows = [{"label": "lightly dino", "seed": 0, "wall_s": 60, "metrics": {"non_finite_features": True}},
+            {"label": "lightly dino", "seed": 1, "wall_s": 60, "metrics": ok}]
+    line = format_table(rows).splitlines()[2]
+    assert line.startswith("| lightly dino (diverged: non-finite features in 1 of 2 seeds) | - | 2 | 50.00 |")

@@ -196,6 +196,8 @@ def score(encoder: torch.nn.Module, splits: dict, device: torch.device, seed: in
     feats = {name: Split(extract_features(encoder, split.images, 512, device, precision=precision),
                          split.labels)
              for name, split in splits.items()}
+    if not all(bool(split.features.isfinite().all()) for split in feats.values()):
+        return {"non_finite_features": True}  # a diverged run: no score, and the table says so
     cfg = EvaluateConfig(knn=KNNConfig(k=200, temperature=0.1, select_on_val=False), retrieval_ks=[],
                          linear_probe=True, sklearn_probe=False, quality_images=0, report=False, seed=seed)
     metrics = evaluate_features(feats["train"], feats["val"], feats["test"], cfg, device).metrics
@@ -253,6 +255,9 @@ def main(args: argparse.Namespace) -> int:
         rows.append({"label": label, "seed": seed, "wall_s": wall, "eval_s": eval_s, "metrics": metrics,
                      **({"details": extra} if extra else {})})
         trained = f", pretraining {wall / 60:.1f} min" if wall is not None else ""
+        if metrics.get("non_finite_features"):
+            print(f"{label} (seed {seed}): non-finite features (training diverged), not scored{trained}", flush=True)
+            return
         probe = 100 * metrics.get("linear_probe_top1", float("nan"))
         print(f"{label} (seed {seed}): kNN {100 * metrics['knn_top1']:.2f} / {100 * metrics['knn20_top1']:.2f}, "
               f"probe {probe:.2f}, effective rank {metrics['test_effective_rank']:.1f}, embedding std "

@@ -23,7 +23,8 @@ def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for label in labels:
         group = [row for row in rows if row["label"] == label]
         entry: dict[str, Any] = {"label": label, "seeds": [row.get("seed") for row in group],
-                                 "batch_size": group[0].get("details", {}).get("batch_size")}
+                                 "batch_size": group[0].get("details", {}).get("batch_size"),
+                                 "non_finite": sum(bool(row["metrics"].get("non_finite_features")) for row in group)}
         for key in [column[0] for column in COLUMNS] + ["wall_s"]:
             values = [row["metrics"].get(key) if key != "wall_s" else row.get("wall_s") for row in group]
             values = [v for v in values if v is not None]
@@ -51,7 +52,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         wall_text = "-" if wall is None else _cell({"mean": wall["mean"] / 60,
                                                     "std": None if wall["std"] is None else wall["std"] / 60},
                                                    1, 1) + " min"
-        cells = [entry["label"], str(entry["batch_size"] or "-"), str(len(entry["seeds"])),
+        label = entry["label"] + (f" (diverged: non-finite features in {entry['non_finite']} of "
+                                  f"{len(entry['seeds'])} seeds)" if entry.get("non_finite") else "")
+        cells = [label, str(entry["batch_size"] or "-"), str(len(entry["seeds"])),
                  *(_cell(entry.get(key), scale, decimals) for key, _, scale, decimals in COLUMNS), wall_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

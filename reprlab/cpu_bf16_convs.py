@@ -40,7 +40,7 @@ def _hooks() -> tuple[Callable, Callable]:
 
     def before(conv: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         images = args[0]
-        hit = (images.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+        hit = (torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and output_width(conv, images.shape[-1]) == 1)
         if not hit:
             pending.append(None)
@@ -58,10 +58,12 @@ def _hooks() -> tuple[Callable, Callable]:
     return before, after
 
 
-def guard_cpu_bf16_convs(model: nn.Module) -> list[RemovableHandle]:
-    """Run ``model``'s convolutions in fp32 for the calls the oneDNN bf16 bug would get wrong; returns the hook
-    handles (remove them when training ends)."""
-    handles = []
+def guard_cpu_bf16_convs(model: nn.Module, precision: str, device: torch.device) -> list[RemovableHandle]:
+    """When ``model`` trains in bf16 on a CPU, run its convolutions in fp32 for the calls the oneDNN bug would get
+    wrong; returns the hook handles (none otherwise; remove them when training ends)."""
+    handles: list[RemovableHandle] = []
+    if precision != "bf16" or device.type != "cpu":
+        return handles
     for conv in model.modules():
         if at_risk(conv):
             before, after = _hooks()

@@ -216,8 +216,7 @@ class _Run:
             self.task = task = distributed.convert_sync_batchnorm(task, self.device)
         self.model, self.trainable = _wrap_ddp(task, self.device), _trainable(task)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
-        self.conv_guards = (guard_cpu_bf16_convs(self.task) if self.numerics.precision == "bf16"
-                            and self.device.type == "cpu" else [])
+        self.conv_guards = guard_cpu_bf16_convs(self.task, self.numerics.precision, self.device)
 
     def _resume_or_restart(self) -> None:
         path, options = self.state_path, self.options

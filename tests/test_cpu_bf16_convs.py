@@ -34,7 +34,7 @@ def _weight_grad(conv: nn.Conv2d, images: Tensor, upstream: Tensor, channels_las
 def test_guarded_weight_gradients_match_a_float64_reference(kernel, stride, padding, size, channels_last):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, kernel, stride=stride, padding=padding, bias=False)
-    handles = guard_cpu_bf16_convs(conv)
+    handles = guard_cpu_bf16_convs(conv, "bf16", CPU)
     one_wide = output_width(conv, size[1]) == 1
     for _ in range(4):  # the bug reads uninitialised memory, so a single try can pass by luck
         images = torch.randn(8, 16, *size)
@@ -55,7 +55,9 @@ def test_only_strided_wide_kernels_are_hooked_and_inference_is_untouched():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1, stride=2),
                         nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding="same"))
     assert [at_risk(m) for m in net] == [True, False, False, False]
-    handles = guard_cpu_bf16_convs(net)
+    assert guard_cpu_bf16_convs(net, "fp32", CPU) == []
+    assert guard_cpu_bf16_convs(net, "bf16", torch.device("meta")) == []  # only CPUs have the bug
+    handles = guard_cpu_bf16_convs(net, "bf16", CPU)
     assert len(handles) == 2  # a pre-hook and a hook on the first conv only
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no gradient, nothing to guard
         assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.bfloat16

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from bench import peer_methods, peers
 from bench.common import REPO_ROOT, PeakMemory, append_jsonl, forward_flops, log, summarize, sync, tune_glibc_malloc
 from reprlab.config import OptimConfig, PretrainConfig, load_config
+from reprlab.cpu_bf16_convs import guard_cpu_bf16_convs
 from reprlab.data.datasets import ImageSet, load_dataset
 from reprlab.data.loader import Batches
 from reprlab.data.views import ViewAugment
@@ -202,7 +203,9 @@ def model_step(method: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
                precision: str, device: torch.device) -> Callable[[], Tensor]:
     """One optimizer step on ready views: ``method.forward_views`` (encoder, projector, loss, metrics) under
     engine.fit's autocast, then its zero_grad / backward / step / schedule / ``after_step`` sequence (the
-    momentum update of BYOL and DINO; nothing for SimCLR), no host sync."""
+    momentum update of BYOL and DINO; nothing for SimCLR), no host sync; bf16 on a CPU with the engine's
+    convolution guard, so the step is the one training runs."""
+    guard_cpu_bf16_convs(method, precision, device)  # lives as long as ``method``, which only this step uses
     done = [0]
 
     def step() -> Tensor:

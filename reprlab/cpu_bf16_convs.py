@@ -1,38 +1,52 @@
-"""Keep bf16 training on CPU correct around a oneDNN convolution bug.
+"""Which convolutions run in fp32 when a model runs in bf16 on a CPU: the ones oneDNN gets wrong or slow.
 
-On CPU (torch 2.14.1, measured on an AMD EPYC with avx512_bf16), a bf16 convolution whose output is one column
-wide, with a stride above 1 along the width, gets a wrong weight gradient: uninitialised memory, so values such
-as 1e37, inf or NaN, and sometimes plausible-looking finite ones. The forward pass and fp32 are correct. ResNets
-meet it on small images: a 3x3 stride-2 conv on a 1-pixel-wide map (16 px images with the standard stem, the 8 px
-built-in digits). ``guard_cpu_bf16_convs`` runs every strided call with a one-column output in fp32 while
-training: a superset of the failing shapes (no simple rule separates them: a 2-wide input is fine for a 3x3
-stride-2 conv, a 3-wide one fails for a 5x5 stride-4 conv), on maps so small that the cost was within noise for a
-CIFAR-size ResNet-18 (its last stage). Quietly, like the losses that stay in fp32; tests/test_cpu_bf16_convs.py
-checks the gradients against a float64 reference.
+Two rules, both about small output maps, applied per call (the input's shape decides):
+
+- **Correctness.** On CPU (torch 2.14.1; seen on an AMD EPYC with avx512_bf16 and on an Intel Xeon with AMX),
+  a bf16 convolution whose output is one column wide, with a stride above 1 along the width, gets a wrong weight
+  gradient: uninitialised memory, so values such as 1e37, inf or NaN, and sometimes plausible-looking finite
+  ones. The forward pass and fp32 are correct. ResNets meet it on small images: a 3x3 stride-2 conv on a
+  1-pixel-wide map (16 px images with the standard stem, the 8 px built-in digits). Every strided call with a
+  one-column output runs in fp32: a superset of the failing shapes (no simple rule separates them: a 2-wide input
+  is fine for a 3x3 stride-2 conv, a 3-wide one fails for a 5x5 stride-4 conv).
+- **Speed.** On an Intel Xeon with AMX (oneDNN 3.12's ``brg_conv:avx10_1_512_amx`` kernels), a bf16 convolution
+  with an output of at most 2x2 pixels is 2-4.5x slower than in fp32 (forward + backward; ResNet-18's last two
+  stages on 32 px images with the standard stem), enough to make the whole bf16 training step 0.7x fp32; with
+  those calls in fp32 it is 1.2-1.3x fp32 (``python scripts/benchmark.py pretrain``); feature extraction, 0.6x
+  fp32 without the rule, likewise. One rule for every CPU; on one without AMX it is not measured yet (bf16's gain
+  comes from the large early maps either way).
+
+``guard_cpu_bf16_convs`` installs both (the engine for training, ``extract_features`` for inference), quietly,
+like the losses that stay in fp32; tests/test_cpu_bf16_convs.py checks the gradients against a float64 reference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SMALL_MAP = 4  # output pixels at or below which a call runs in fp32 (2x2 for a 2-D conv)
 
 
-def output_width(conv: nn.Module, width: int) -> int:
-    """The width of ``conv``'s output for an input ``width`` pixels wide."""
-    kernel, stride, padding, dilation = (conv.kernel_size[-1], conv.stride[-1], conv.padding[-1],
-                                         conv.dilation[-1])
-    return (width + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def output_shape(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
+    """The spatial shape of ``conv``'s output for an input of spatial shape ``spatial``."""
+    if conv.padding == "same":
+        return tuple(spatial)
+    padding = (0,) * len(spatial) if conv.padding == "valid" else conv.padding
+    return tuple((size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel, stride
+                 in zip(spatial, padding, conv.dilation, conv.kernel_size, conv.stride))
 
 
-def at_risk(conv: nn.Module) -> bool:
-    """Whether some input width gives ``conv`` the one-column, strided output the bug needs."""
-    return (isinstance(conv, _CONVS) and isinstance(conv.padding, tuple) and conv.stride[-1] > 1
-            and conv.kernel_size[-1] > 1)
+def runs_in_fp32(conv: nn.Module, spatial: Sequence[int]) -> bool:
+    """Whether a bf16 call of ``conv`` on an input of spatial shape ``spatial`` runs in fp32 instead."""
+    out = output_shape(conv, spatial)
+    one_column_strided = conv.stride[-1] > 1 and conv.kernel_size[-1] > 1 and out[-1] == 1
+    return one_column_strided or math.prod(out) <= SMALL_MAP
 
 
 def _hooks() -> tuple[Callable, Callable]:
@@ -40,8 +54,8 @@ def _hooks() -> tuple[Callable, Callable]:
 
     def before(conv: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         images = args[0]
-        hit = (torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-               and torch.get_autocast_dtype("cpu") == torch.bfloat16 and output_width(conv, images.shape[-1]) == 1)
+        hit = (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+               and runs_in_fp32(conv, images.shape[-len(conv.kernel_size):]))
         if not hit:
             pending.append(None)
             return None
@@ -59,13 +73,13 @@ def _hooks() -> tuple[Callable, Callable]:
 
 
 def guard_cpu_bf16_convs(model: nn.Module, precision: str, device: torch.device) -> list[RemovableHandle]:
-    """When ``model`` trains in bf16 on a CPU, run its convolutions in fp32 for the calls the oneDNN bug would get
-    wrong; returns the hook handles (none otherwise; remove them when training ends)."""
+    """When ``model`` runs in bf16 on a CPU, run its convolution calls that :func:`runs_in_fp32` names in fp32;
+    returns the hook handles (none otherwise; remove them when done)."""
     handles: list[RemovableHandle] = []
     if precision != "bf16" or device.type != "cpu":
         return handles
     for conv in model.modules():
-        if at_risk(conv):
+        if isinstance(conv, _CONVS):
             before, after = _hooks()
             handles.append(conv.register_forward_pre_hook(before))
             handles.append(conv.register_forward_hook(after, always_call=True))

@@ -1,4 +1,5 @@
-"""The guard around oneDNN's wrong bf16 weight gradient for one-column-wide strided convolutions on CPU."""
+"""The convolutions that run in fp32 under CPU bf16 training: oneDNN's wrong weight gradient for one-column-wide
+strided outputs, and its slow bf16 kernels for outputs of at most 2x2 pixels."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprlab.contracts import Task
-from reprlab.cpu_bf16_convs import at_risk, guard_cpu_bf16_convs, output_width
+from reprlab.cpu_bf16_convs import guard_cpu_bf16_convs, output_shape, runs_in_fp32
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
 from reprlab.engine import FitOptions, fit
@@ -30,38 +31,55 @@ def _weight_grad(conv: nn.Conv2d, images: Tensor, upstream: Tensor, channels_las
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(("kernel", "stride", "padding", "size"),
                          [(3, 2, 1, (1, 1)), (3, 2, 1, (4, 1)), (5, 3, 2, (2, 2)), (7, 2, 3, (1, 1)),
-                          (3, 2, 1, (5, 5))])  # the last one is not at risk: a 3-wide output stays in bf16
+                          (3, 2, 1, (8, 1)), (3, 2, 1, (5, 5))])  # the last: 3x3 output, stays in bf16
 def test_guarded_weight_gradients_match_a_float64_reference(kernel, stride, padding, size, channels_last):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, kernel, stride=stride, padding=padding, bias=False)
     handles = guard_cpu_bf16_convs(conv, "bf16", CPU)
-    one_wide = output_width(conv, size[1]) == 1
+    in_fp32 = runs_in_fp32(conv, size)
+    assert in_fp32 == (size != (5, 5))  # (8, 1): a one-column strided output of 4 pixels, fp32 for the bug
     for _ in range(4):  # the bug reads uninitialised memory, so a single try can pass by luck
         images = torch.randn(8, 16, *size)
-        upstream = torch.randn(8, 32, (size[0] + 2 * padding - kernel) // stride + 1, output_width(conv, size[1]))
+        upstream = torch.randn(8, 32, *output_shape(conv, size))
         grad, out = _weight_grad(conv, images, upstream, channels_last)
         # fp32 for the guarded call, so the reference is exact math on the fp32 inputs; bf16 inputs otherwise
-        inputs = images.double() if one_wide else images.bfloat16().double()
+        inputs = images.double() if in_fp32 else images.bfloat16().double()
         reference = torch.nn.grad.conv2d_weight(inputs, conv.weight.shape, upstream.double(), stride=stride,
                                                 padding=padding)
-        assert out.dtype == (torch.float32 if one_wide else torch.bfloat16)
+        assert out.dtype == (torch.float32 if in_fp32 else torch.bfloat16)
         assert (grad - reference).abs().max() <= 2e-2 * reference.abs().max()
     for handle in handles:
         handle.remove()
     assert not conv._forward_pre_hooks and not conv._forward_hooks
 
 
-def test_only_strided_wide_kernels_are_hooked_and_inference_is_untouched():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1, stride=2),
-                        nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding="same"))
-    assert [at_risk(m) for m in net] == [True, False, False, False]
+def test_small_outputs_and_one_column_strided_outputs_run_in_fp32():
+    strided, plain = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    assert output_shape(strided, (7, 5)) == (4, 3)
+    assert output_shape(nn.Conv2d(8, 8, 3, padding="same"), (5, 6)) == (5, 6)
+    assert output_shape(nn.Conv2d(8, 8, 3, padding="valid"), (5, 6)) == (3, 4)
+    assert [runs_in_fp32(plain, s) for s in [(2, 2), (4, 1), (1, 5), (3, 2), (4, 4)]] == [
+        True, True, False, False, False]  # at most 4 output pixels
+    assert [runs_in_fp32(strided, s) for s in [(4, 4), (6, 6), (16, 1), (16, 2), (16, 3)]] == [
+        True, False, True, True, False]  # outputs 2x2, 3x3, 8x1 twice (one column: the bug), 8x2
+    assert not runs_in_fp32(nn.Conv2d(8, 8, 1, stride=2), (32, 2))  # a 1x1 kernel reads no padding: 16x1 in bf16
+    assert runs_in_fp32(nn.Conv1d(8, 8, 3, padding=1), (4,)) and not runs_in_fp32(nn.Conv1d(8, 8, 3, padding=1), (5,))
+
+
+def test_every_conv_is_hooked_for_cpu_bf16_only():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     assert guard_cpu_bf16_convs(net, "fp32", CPU) == []
-    assert guard_cpu_bf16_convs(net, "bf16", torch.device("meta")) == []  # only CPUs have the bug
+    assert guard_cpu_bf16_convs(net, "bf16", torch.device("meta")) == []  # a CPU rule
     handles = guard_cpu_bf16_convs(net, "bf16", CPU)
-    assert len(handles) == 2  # a pre-hook and a hook on the first conv only
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no gradient, nothing to guard
-        assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.bfloat16
-    assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # no autocast: the hooks do nothing
+    assert len(handles) == 4  # a pre-hook and a hook per conv
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(torch.randn(2, 3, 8, 8)).dtype == torch.bfloat16  # 4x4 maps: bf16
+        assert net(torch.randn(2, 3, 4, 4)).dtype == torch.float32  # 2x2 maps: fp32
+        with torch.inference_mode():  # feature extraction too
+            assert net(torch.randn(2, 3, 4, 4)).dtype == torch.float32
+    assert net(torch.randn(2, 3, 1, 1)).dtype == torch.float32  # no autocast: the hooks do nothing
+    for handle in handles:
+        handle.remove()
 
 
 class _SmallConvnet(Task):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from reprlab import distributed
+from reprlab.cpu_bf16_convs import guard_cpu_bf16_convs
 from reprlab.data.loader import shard as shard_indices
 from reprlab.data.progress import bar as progress_bar
 from reprlab.hardware import native_bf16
@@ -51,6 +52,7 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
     encoder.eval().to(device)
     use_amp = precision == "bf16" or (precision == "auto" and native_bf16(device))
     world = distributed.world_size() if shard else 1
+    guards = guard_cpu_bf16_convs(encoder, "bf16" if use_amp else "fp32", device)
     try:
         if len(images) == 0:
             return torch.empty(0, 0)
@@ -59,6 +61,8 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
         return _extract_sharded(encoder, images, batch_size, device, use_amp, world, progress, desc).cpu()
     finally:
         encoder.train(was_training)
+        for handle in guards:
+            handle.remove()
 
 
 def _extract_sharded(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool,

@@ -1,6 +1,6 @@
 """Which convolutions run in fp32 when a model runs in bf16 on a CPU: the ones oneDNN gets wrong or slow.
 
-Two rules, both about small output maps, applied per call (the input's shape decides):
+Two rules, both about small output maps, applied per call (the input's shape decides), the second on AMX CPUs:
 
 - **Correctness.** On CPU (torch 2.14.1; seen on an AMD EPYC with avx512_bf16 and on an Intel Xeon with AMX),
   a bf16 convolution whose output is one column wide, with a stride above 1 along the width, gets a wrong weight
@@ -13,8 +13,8 @@ Two rules, both about small output maps, applied per call (the input's shape dec
   with an output of at most 2x2 pixels is 2-4.5x slower than in fp32 (forward + backward; ResNet-18's last two
   stages on 32 px images with the standard stem), enough to make the whole bf16 training step 0.7x fp32; with
   those calls in fp32 it is 1.2-1.3x fp32 (``python scripts/benchmark.py pretrain``); feature extraction, 0.6x
-  fp32 without the rule, likewise. One rule for every CPU; on one without AMX it is not measured yet (bf16's gain
-  comes from the large early maps either way).
+  fp32 without the rule, likewise. Only on CPUs with AMX: on an AMD EPYC with avx512_bf16 and no AMX, the
+  whole bf16 step with those calls in bf16 measured 1.5x fp32, and the rule is not measured there.
 
 ``guard_cpu_bf16_convs`` installs both (the engine for training, ``extract_features`` for inference), quietly,
 like the losses that stay in fp32; tests/test_cpu_bf16_convs.py checks the gradients against a float64 reference.
@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from reprlab.hardware import cpu_flags
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SMALL_MAP = 4  # output pixels at or below which a call runs in fp32 (2x2 for a 2-D conv)
 
@@ -42,20 +44,21 @@ def output_shape(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
                  in zip(spatial, padding, conv.dilation, conv.kernel_size, conv.stride))
 
 
-def runs_in_fp32(conv: nn.Module, spatial: Sequence[int]) -> bool:
-    """Whether a bf16 call of ``conv`` on an input of spatial shape ``spatial`` runs in fp32 instead."""
+def runs_in_fp32(conv: nn.Module, spatial: Sequence[int], amx: bool) -> bool:
+    """Whether a bf16 call of ``conv`` on an input of spatial shape ``spatial`` runs in fp32 instead, on a CPU
+    with (``amx``) or without AMX."""
     out = output_shape(conv, spatial)
     one_column_strided = conv.stride[-1] > 1 and conv.kernel_size[-1] > 1 and out[-1] == 1
-    return one_column_strided or math.prod(out) <= SMALL_MAP
+    return one_column_strided or (amx and math.prod(out) <= SMALL_MAP)
 
 
-def _hooks() -> tuple[Callable, Callable]:
+def _hooks(amx: bool) -> tuple[Callable, Callable]:
     pending: list[torch.autocast | None] = []  # one entry per call in flight: the fp32 context, or None
 
     def before(conv: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         images = args[0]
         hit = (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-               and runs_in_fp32(conv, images.shape[-len(conv.kernel_size):]))
+               and runs_in_fp32(conv, images.shape[-len(conv.kernel_size):], amx))
         if not hit:
             pending.append(None)
             return None
@@ -78,9 +81,10 @@ def guard_cpu_bf16_convs(model: nn.Module, precision: str, device: torch.device)
     handles: list[RemovableHandle] = []
     if precision != "bf16" or device.type != "cpu":
         return handles
+    amx = "amx_bf16" in cpu_flags()
     for conv in model.modules():
         if isinstance(conv, _CONVS):
-            before, after = _hooks()
+            before, after = _hooks(amx)
             handles.append(conv.register_forward_pre_hook(before))
             handles.append(conv.register_forward_hook(after, always_call=True))
     return handles

@@ -36,8 +36,8 @@ def test_guarded_weight_gradients_match_a_float64_reference(kernel, stride, padd
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, kernel, stride=stride, padding=padding, bias=False)
     handles = guard_cpu_bf16_convs(conv, "bf16", CPU)
-    in_fp32 = runs_in_fp32(conv, size)
-    assert in_fp32 == (size != (5, 5))  # (8, 1): a one-column strided output of 4 pixels, fp32 for the bug
+    in_fp32 = runs_in_fp32(conv, size, amx=False)
+    assert in_fp32 == runs_in_fp32(conv, size, amx=True) == (size != (5, 5))  # (8, 1): 4x1 out, fp32 for the bug
     for _ in range(4):  # the bug reads uninitialised memory, so a single try can pass by luck
         images = torch.randn(8, 16, *size)
         upstream = torch.randn(8, 32, *output_shape(conv, size))
@@ -53,30 +53,38 @@ def test_guarded_weight_gradients_match_a_float64_reference(kernel, stride, padd
     assert not conv._forward_pre_hooks and not conv._forward_hooks
 
 
-def test_small_outputs_and_one_column_strided_outputs_run_in_fp32():
+def test_one_column_strided_outputs_and_on_amx_small_outputs_run_in_fp32():
     strided, plain = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
     assert output_shape(strided, (7, 5)) == (4, 3)
     assert output_shape(nn.Conv2d(8, 8, 3, padding="same"), (5, 6)) == (5, 6)
     assert output_shape(nn.Conv2d(8, 8, 3, padding="valid"), (5, 6)) == (3, 4)
-    assert [runs_in_fp32(plain, s) for s in [(2, 2), (4, 1), (1, 5), (3, 2), (4, 4)]] == [
-        True, True, False, False, False]  # at most 4 output pixels
-    assert [runs_in_fp32(strided, s) for s in [(4, 4), (6, 6), (16, 1), (16, 2), (16, 3)]] == [
+    plain_sizes, strided_sizes = [(2, 2), (4, 1), (1, 5), (3, 2), (4, 4)], [(4, 4), (6, 6), (16, 1), (16, 2), (16, 3)]
+    assert [runs_in_fp32(plain, s, amx=True) for s in plain_sizes] == [True, True, False, False, False]  # <= 4 px
+    assert [runs_in_fp32(strided, s, amx=True) for s in strided_sizes] == [
         True, False, True, True, False]  # outputs 2x2, 3x3, 8x1 twice (one column: the bug), 8x2
-    assert not runs_in_fp32(nn.Conv2d(8, 8, 1, stride=2), (32, 2))  # a 1x1 kernel reads no padding: 16x1 in bf16
-    assert runs_in_fp32(nn.Conv1d(8, 8, 3, padding=1), (4,)) and not runs_in_fp32(nn.Conv1d(8, 8, 3, padding=1), (5,))
+    assert not any(runs_in_fp32(plain, s, amx=False) for s in plain_sizes)  # the speed rule is AMX's alone
+    assert [runs_in_fp32(strided, s, amx=False) for s in strided_sizes] == [False, False, True, True, False]
+    assert not runs_in_fp32(nn.Conv2d(8, 8, 1, stride=2), (32, 2), amx=True)  # a 1x1 kernel reads no padding
+    conv1d = nn.Conv1d(8, 8, 3, padding=1)
+    assert runs_in_fp32(conv1d, (4,), amx=True) and not runs_in_fp32(conv1d, (5,), amx=True)
 
 
-def test_every_conv_is_hooked_for_cpu_bf16_only():
+@pytest.mark.parametrize("amx", [False, True])
+def test_every_conv_is_hooked_for_cpu_bf16_only(amx, monkeypatch):
+    monkeypatch.setattr("reprlab.cpu_bf16_convs.cpu_flags", lambda: frozenset({"avx512_bf16"} | ({"amx_bf16"} if amx
+                                                                                                  else set())))
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     assert guard_cpu_bf16_convs(net, "fp32", CPU) == []
     assert guard_cpu_bf16_convs(net, "bf16", torch.device("meta")) == []  # a CPU rule
     handles = guard_cpu_bf16_convs(net, "bf16", CPU)
     assert len(handles) == 4  # a pre-hook and a hook per conv
+    small = torch.float32 if amx else torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(torch.randn(2, 3, 8, 8)).dtype == torch.bfloat16  # 4x4 maps: bf16
-        assert net(torch.randn(2, 3, 4, 4)).dtype == torch.float32  # 2x2 maps: fp32
+        assert net(torch.randn(2, 3, 4, 4)).dtype == small  # 2x2 maps: fp32 on AMX
         with torch.inference_mode():  # feature extraction too
-            assert net(torch.randn(2, 3, 4, 4)).dtype == torch.float32
+            assert net(torch.randn(2, 3, 4, 4)).dtype == small
+            assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # a one-column strided output: always
     assert net(torch.randn(2, 3, 1, 1)).dtype == torch.float32  # no autocast: the hooks do nothing
     for handle in handles:
         handle.remove()

@@ -105,3 +105,22 @@ def test_cpu_name_carries_the_family_and_model(monkeypatch, tmp_path):
         assert hardware.cpu_name() == "AMD EPYC (family 26, model 2)"
     finally:
         hardware.cpu_name.cache_clear()
+
+
+@pytest.mark.parametrize("convnet", [True, False])
+def test_bf16_extraction_feeds_convnets_channels_last_batches(native_bf16_cpu, convnet):
+    from reprlab.evaluate.features import extract_features
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)]
+    encoder = nn.Sequential(*(layers if convnet else layers[:1]), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    seen: list[tuple[bool, torch.dtype]] = []
+    encoder[0].register_forward_pre_hook(lambda _, args: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous(), args[0].dtype)))
+    images = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    auto = extract_features(encoder, images, batch_size=4)  # precision auto: bf16 on this (patched) CPU
+    assert seen == [(convnet, torch.float32)] * 2  # autocast casts inside the conv; the layout is the batch's
+    fp32 = extract_features(encoder, images, batch_size=4, precision="fp32")
+    assert seen[2:] == [(False, torch.float32)] * 2 and auto.dtype == torch.float32
+    torch.testing.assert_close(auto, fp32, atol=2e-2, rtol=2e-2)  # bf16 rounding, same features
+    assert encoder[0].weight.is_contiguous()  # the user's encoder keeps its layout

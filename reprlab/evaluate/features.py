@@ -19,17 +19,21 @@ from reprlab import distributed
 from reprlab.cpu_bf16_convs import guard_cpu_bf16_convs
 from reprlab.data.loader import shard as shard_indices
 from reprlab.data.progress import bar as progress_bar
-from reprlab.hardware import native_bf16
+from reprlab.hardware import is_convnet, native_bf16
 
 
 def _extract(encoder: nn.Module, images: Tensor, batch_size: int, device: torch.device, use_amp: bool,
              progress: bool = False, desc: str = "features") -> Tensor:
-    """Features (N, D) float32 on ``device``."""
+    """Features (N, D) float32 on ``device``; a convnet in bf16 reads channels_last batches, as in training (on
+    an AMX Xeon, bf16 extraction ran at 0.69x fp32 on NCHW batches, 1.16x on channels_last ones)."""
+    channels_last = use_amp and is_convnet(encoder)
     chunks = []
     with progress_bar(len(images), desc, progress) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
             batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 chunks.append(encoder(batch).float())
             bar.update(len(batch))

@@ -140,6 +140,7 @@ def run_comparison(args: argparse.Namespace) -> dict[str, Any]:
     results, predictions = {}, {}
     # untimed warm-up (thread pools, first calls), so that the method timed first is not the one that pays it
     reprlab_backend("faiss")(bank[:2048], bank_labels[:2048], queries[:256], args)
+    available = {}
     for name, (_, module, method) in METHODS.items():
         if name not in args.methods:
             continue
@@ -149,16 +150,18 @@ def run_comparison(args: argparse.Namespace) -> dict[str, Any]:
             log(f"skipping {name}: {error} (pip install {module.split('.')[0]} to include it)")
             results[name] = {"skipped": str(error)}
             continue
-        times = []
-        for repeat in range(args.repeats):
+        available[name] = method
+    times: dict[str, list[float]] = {name: [] for name in available}
+    for repeat in range(args.repeats):  # round robin, so that the shared machine's drift reaches every method
+        for name, method in available.items():
             start = time.perf_counter()
-            predicted = method(bank, bank_labels, queries, args)
-            times.append(time.perf_counter() - start)
-            log(f"{name} run {repeat}: {times[-1]:.2f} s")
-        predictions[name] = predicted.long()
-        median = statistics.median(times)
-        results[name] = {"median_s": median, "first_s": times[0], "runs_s": [round(t, 3) for t in times],
-                         "top1": float((predicted == query_labels).float().mean()),
+            predictions[name] = method(bank, bank_labels, queries, args).long()
+            times[name].append(time.perf_counter() - start)
+            log(f"{name} run {repeat}: {times[name][-1]:.2f} s")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        results[name] = {"median_s": median, "first_s": runs[0], "runs_s": [round(t, 3) for t in runs],
+                         "top1": float((predictions[name] == query_labels).float().mean()),
                          "similarity_gflops": gflop / median}
     reference = predictions.get(REFERENCE)
     for name, row in results.items():

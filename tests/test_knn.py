@@ -282,6 +282,15 @@ def test_auto_backend_probes_each_exact_backend_on_the_real_queries_then_runs_th
     assert calls == []
 
 
+def test_the_probe_keeps_faiss_unless_another_backend_beats_it_by_the_margin():
+    from reprlab.evaluate.search import fastest
+
+    assert fastest({"faiss": 1.0, "faiss_heap": 0.95, "torch": 1.2}) == "faiss"  # within the probe's noise
+    assert fastest({"faiss": 1.0, "faiss_heap": 0.85, "torch": 0.88}) == "faiss_heap"
+    assert fastest({"faiss": 4.4, "faiss_heap": 1.1, "torch": 1.0}) == "torch"
+    assert fastest({"faiss_heap": 1.0, "torch": 0.99}) == "torch"  # no faiss to prefer
+
+
 def test_every_backend_returns_the_same_neighbours():
     generator = torch.Generator().manual_seed(3)
     bank, queries = torch.randn(3000, 48, generator=generator), torch.randn(300, 48, generator=generator)

@@ -52,6 +52,12 @@ def runs_in_fp32(conv: nn.Module, spatial: Sequence[int], amx: bool) -> bool:
     return one_column_strided or (amx and math.prod(out) <= SMALL_MAP)
 
 
+def may_run_in_fp32(conv: nn.Module, amx: bool) -> bool:
+    """Whether some input makes :func:`runs_in_fp32` true for ``conv``: on AMX any conv (a small enough input),
+    elsewhere only a strided one with a kernel wider than 1, so the others carry no hook."""
+    return isinstance(conv, _CONVS) and (amx or (conv.stride[-1] > 1 and conv.kernel_size[-1] > 1))
+
+
 def _hooks(amx: bool) -> tuple[Callable, Callable]:
     pending: list[torch.autocast | None] = []  # one entry per call in flight: the fp32 context, or None
 
@@ -83,7 +89,7 @@ def guard_cpu_bf16_convs(model: nn.Module, precision: str, device: torch.device)
         return handles
     amx = "amx_bf16" in cpu_flags()
     for conv in model.modules():
-        if isinstance(conv, _CONVS):
+        if may_run_in_fp32(conv, amx):
             before, after = _hooks(amx)
             handles.append(conv.register_forward_pre_hook(before))
             handles.append(conv.register_forward_hook(after, always_call=True))

@@ -10,11 +10,11 @@ Two rules, both about small output maps, applied per call (the input's shape dec
   one-column output runs in fp32: a superset of the failing shapes (no simple rule separates them: a 2-wide input
   is fine for a 3x3 stride-2 conv, a 3-wide one fails for a 5x5 stride-4 conv).
 - **Speed.** On an Intel Xeon with AMX (oneDNN 3.12's ``brg_conv:avx10_1_512_amx`` kernels), a bf16 convolution
-  with an output of at most 2x2 pixels is 2-4.5x slower than in fp32 (forward + backward; ResNet-18's last two
-  stages on 32 px images with the standard stem), enough to make the whole bf16 training step 0.7x fp32; with
-  those calls in fp32 it is 1.05-1.2x fp32, and SimCLR end to end 1.2x (``python scripts/benchmark.py pretrain``,
-  README). Only on CPUs with AMX: on an AMD EPYC with avx512_bf16 and no AMX, the
-  whole bf16 step with those calls in bf16 measured 1.5x fp32, and the rule is not measured there.
+  with an output of at most 2x2 pixels is 1.2-4.7x slower than in fp32 (forward + backward; ResNet-18's last two
+  stages on 32 px images with the standard stem; ``python scripts/benchmark.py convs``), enough to make the whole
+  bf16 training step 0.7x fp32; with those calls in fp32 it is 1.05-1.2x fp32, and SimCLR end to end 1.2x
+  (``python scripts/benchmark.py pretrain``, README). Only on CPUs with AMX: on an AMD EPYC with avx512_bf16 and
+  no AMX, the whole bf16 step with those calls in bf16 measured 1.5x fp32, and the rule is not measured there.
 
 ``guard_cpu_bf16_convs`` installs both (the engine for training, ``extract_features`` for inference), quietly,
 like the losses that stay in fp32; tests/test_cpu_bf16_convs.py checks the gradients against a float64 reference.

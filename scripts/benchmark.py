@@ -9,13 +9,14 @@ import argparse
 import sys
 from types import ModuleType
 
-from bench import augment_speed, data, distill, extract_speed, finetune, knn, pretrain_speed, quality
+from bench import augment_speed, conv_layers, data, distill, extract_speed, finetune, knn, pretrain_speed, quality
 
 BENCHMARKS: dict[str, ModuleType] = {
     "quality": quality,  # pretraining methods on CIFAR-10 vs lightly's SimCLR: kNN / linear probe
     "pretrain": pretrain_speed,  # SimCLR pretraining speed vs lightly (+ --ablate, --scaling, --quality-check)
     "augment": augment_speed,  # batched views on the device vs per-sample pipelines
     "extract": extract_speed,  # feature extraction images/s
+    "convs": conv_layers,  # per-convolution fp32 vs bf16 time at an encoder's shapes
     "knn": knn,  # faiss vs scikit-learn vs torch vs lightly
     "finetune": finetune,  # fine-tuning policies at 1% / 10% of the labels
     "data": data,  # image-file loading: reprlab's stream vs ImageFolder + PIL, decode floor, peak RSS by files

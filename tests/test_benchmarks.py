@@ -15,7 +15,7 @@ from reprlab.config import PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
-README_BENCHMARKS = ("quality", "pretrain", "augment", "extract", "knn", "finetune")
+README_BENCHMARKS = ("quality", "pretrain", "augment", "extract", "knn", "finetune", "convs")
 LIGHTLY = importlib.util.find_spec("lightly") is not None
 
 
@@ -269,3 +269,12 @@ def test_a_diverged_run_is_named_in_the_table_and_not_scored(monkeypatch):
             {"label": "lightly dino", "seed": 1, "wall_s": 60, "metrics": ok}]
     line = format_table(rows).splitlines()[2]
     assert line.startswith("| lightly dino (diverged: non-finite features in 1 of 2 seeds) | - | 2 | 50.00 |")
+
+
+def test_convs_benchmark_times_every_conv_of_the_encoder(tmp_path):
+    out = tmp_path / "convs.jsonl"
+    benchmark("convs", "--conv-batch", "4", "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert len(result["rows"]) == 20  # ResNet-18: stem, 16 in the blocks, 3 downsamples
+    assert abs(sum(r["flops_share"] for r in result["rows"]) - 1) < 1e-9
+    assert [r["small_map"] for r in result["rows"]].count(True) == 10  # stages 3 and 4 at 32 px

@@ -1,5 +1,5 @@
 """The convolutions that run in fp32 under CPU bf16 training: oneDNN's wrong weight gradient for one-column-wide
-strided outputs, and its slow bf16 kernels for outputs of at most 2x2 pixels."""
+strided outputs, and its slow bf16 kernels for outputs of at most 2x2 pixels with AMX, one pixel without."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_guarded_weight_gradients_match_a_float64_reference(kernel, stride, padd
     assert not conv._forward_pre_hooks and not conv._forward_hooks
 
 
-def test_one_column_strided_outputs_and_on_amx_small_outputs_run_in_fp32():
+def test_one_column_strided_outputs_and_small_outputs_run_in_fp32():
     strided, plain = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
     assert output_shape(strided, (7, 5)) == (4, 3)
     assert output_shape(nn.Conv2d(8, 8, 3, padding="same"), (5, 6)) == (5, 6)
@@ -62,11 +62,13 @@ def test_one_column_strided_outputs_and_on_amx_small_outputs_run_in_fp32():
     assert [runs_in_fp32(plain, s, amx=True) for s in plain_sizes] == [True, True, False, False, False]  # <= 4 px
     assert [runs_in_fp32(strided, s, amx=True) for s in strided_sizes] == [
         True, False, True, True, False]  # outputs 2x2, 3x3, 8x1 twice (one column: the bug), 8x2
-    assert not any(runs_in_fp32(plain, s, amx=False) for s in plain_sizes)  # the speed rule is AMX's alone
-    assert [runs_in_fp32(strided, s, amx=False) for s in strided_sizes] == [False, False, True, True, False]
+    assert [runs_in_fp32(plain, s, amx=False) for s in plain_sizes + [(1, 1)]] == [False] * 5 + [True]  # 1 px
+    assert [runs_in_fp32(strided, s, amx=False) for s in strided_sizes + [(2, 2)]] == [
+        False, False, True, True, False, True]  # (2, 2): a 1x1 output
     assert not runs_in_fp32(nn.Conv2d(8, 8, 1, stride=2), (32, 2), amx=True)  # a 1x1 kernel reads no padding
     conv1d = nn.Conv1d(8, 8, 3, padding=1)
     assert runs_in_fp32(conv1d, (4,), amx=True) and not runs_in_fp32(conv1d, (5,), amx=True)
+    assert runs_in_fp32(conv1d, (1,), amx=False) and not runs_in_fp32(conv1d, (2,), amx=False)
 
 
 @pytest.mark.parametrize("amx", [False, True])
@@ -77,11 +79,12 @@ def test_convs_are_hooked_for_cpu_bf16_only(amx, monkeypatch):
     assert guard_cpu_bf16_convs(net, "fp32", CPU) == []
     assert guard_cpu_bf16_convs(net, "bf16", torch.device("meta")) == []  # a CPU rule
     handles = guard_cpu_bf16_convs(net, "bf16", CPU)
-    assert len(handles) == (4 if amx else 2)  # a pre-hook and a hook per conv that may run in fp32
+    assert len(handles) == 4  # a pre-hook and a hook per conv: a small enough input sends any of them to fp32
     small = torch.float32 if amx else torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(torch.randn(2, 3, 8, 8)).dtype == torch.bfloat16  # 4x4 maps: bf16
         assert net(torch.randn(2, 3, 4, 4)).dtype == small  # 2x2 maps: fp32 on AMX
+        assert net(torch.randn(2, 3, 2, 2)).dtype == torch.float32  # 1x1 maps: fp32 everywhere
         with torch.inference_mode():  # feature extraction too
             assert net(torch.randn(2, 3, 4, 4)).dtype == small
             assert net[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # a one-column strided output: always

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from bench.common import environment, log, print_table, summarize
 from bench.speed_setup import add_common_arguments, encoder_kwargs, run_and_record
-from reprlab.cpu_bf16_convs import SMALL_MAP, output_shape
+from reprlab.cpu_bf16_convs import output_shape, small_map
+from reprlab.hardware import cpu_flags
 from reprlab.models.encoders import create_encoder
 
 
@@ -70,14 +71,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoder = create_encoder(args.encoder, **encoder_kwargs(args)).backbone
     calls = conv_calls(encoder, torch.rand(2, 3, args.image_size, args.image_size))
     macs = {name: math.prod(output_shape(conv, shape[2:])) * conv.weight.numel() for name, conv, shape in calls}
-    rows = []
+    threshold, rows = small_map("amx_bf16" in cpu_flags()), []
     for name, conv, shape in calls:
         shape = (args.conv_batch, *shape[1:])
         fp32, bf16 = (time_call(conv, shape, bf16, args.repeats) for bf16 in (False, True))
         out = output_shape(conv, shape[2:])
         rows.append({"conv": name, "input": "x".join(map(str, shape[1:])), "output_px": math.prod(out),
                      "flops_share": macs[name] / sum(macs.values()), "fp32_ms": fp32, "bf16_ms": bf16,
-                     "bf16_over_fp32": bf16 / fp32, "small_map": math.prod(out) <= SMALL_MAP})
+                     "bf16_over_fp32": bf16 / fp32, "small_map": math.prod(out) <= threshold})
         log(f"{name}: fp32 {fp32:.1f} ms, bf16 {bf16:.1f} ms")
     small = [r for r in rows if r["small_map"]]
     summary = {"small_map_flops_share": sum(r["flops_share"] for r in small),

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.peer_transforms import dino_transform, one_pipeline_transform, two_pipeline_transform
@@ -240,13 +242,12 @@ class LightlyMoCoV3(MomentumTwin):
     """MoCo v3 from lightly's parts (lightly ships no MoCo v3 model or loss): ``MoCoProjectionHead`` with
     ``batch_norm=True`` (2 layers for ResNets, 3 for ViTs, as its docstring's MoCo v3), ``BYOLPredictionHead``
     (ResNet; a 2-layer BN ``MoCoProjectionHead`` for ViTs), momentum copies, ``BYOLTransform`` with reprlab's
-    two pipelines, and the in-batch contrastive loss lightly has, ``NTXentLoss(temperature)`` per direction,
-    ``2 * temperature * (loss(q0, k1) + loss(q1, k0))`` as MoCo v3 scales it. The difference: NT-Xent also
-    contrasts each query with the other queries (and keys with keys), MoCo v3 only with the keys; lightly's
+    two pipelines, and MoCo v3's loss as the paper's Algorithm 1 writes it (:func:`moco_v3_ctr` per direction),
+    which lightly lacks: its ``NTXentLoss`` also contrasts each query with the other queries (SimCLR's loss, more
+    negatives than MoCo v3 has), so a twin built on it is another method. The difference that remains: lightly's
     output BatchNorm has affine parameters (MoCo v3's none)."""
 
     def __init__(self, spec: TwinSpec) -> None:
-        from lightly.loss import NTXentLoss
         from lightly.models.modules import BYOLPredictionHead, MoCoProjectionHead
 
         s, ref = spec.settings, spec.reference
@@ -255,7 +256,6 @@ class LightlyMoCoV3(MomentumTwin):
                          ref.base_momentum, ref.final_momentum)
         self.prediction_head = (MoCoProjectionHead(out, hidden, out, 2, batch_norm=True) if vit
                                 else BYOLPredictionHead(out, hidden, out))
-        self.criterion = NTXentLoss(temperature=ref.temperature)
         self.temperature = ref.temperature
         self.transform = two_pipeline_transform(ref.augment, ref.augment2, spec.size, spec.normalize)
 
@@ -263,7 +263,15 @@ class LightlyMoCoV3(MomentumTwin):
         x0, x1 = views
         q0, q1 = (self.prediction_head(self.projection_head(_features(self.backbone, x))) for x in (x0, x1))
         k0, k1 = self.forward_momentum(x0), self.forward_momentum(x1)
-        return 2 * self.temperature * (self.criterion(q0, k1) + self.criterion(q1, k0))
+        return moco_v3_ctr(q0, k1, self.temperature) + moco_v3_ctr(q1, k0, self.temperature)
+
+
+def moco_v3_ctr(q: Tensor, k: Tensor, temperature: float) -> Tensor:
+    """``ctr`` of MoCo v3's Algorithm 1 (one process): each query's key is the positive, the batch's other keys the
+    negatives, cross-entropy scaled by ``2 * temperature``."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = q @ k.T / temperature
+    return 2 * temperature * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
 class LightlyDINO(LightlyTwin):

@@ -16,7 +16,8 @@ Two rules, both about small output maps, applied per call (the input's shape dec
   in fp32 it is 1.05-1.2x fp32, and SimCLR end to end 1.2x (``python scripts/benchmark.py pretrain``, README). On
   an AMD EPYC with avx512_bf16 and no AMX (family 25, model 17) the 2x2 outputs are faster in bf16 (0.73-0.78x
   fp32's time) but the 3x3 convs from a 1x1 input to a 1x1 output are 1.1-2.2x slower; with one-pixel outputs in
-  fp32, DINO's model step (its 16 px local crops reach one pixel at the third stage) ran 1.1-1.4x faster, and
+  fp32, DINO's model step (its 16 px local crops reach one pixel at the third stage) ran 1.1-1.4x faster (an
+  ad hoc A/B, not a repo command), and
   BYOL and DINO end to end 1.7-2.2x lightly's (README). So outputs of at most :func:`small_map` pixels run in
   fp32: 4 with AMX, 1 without.
 

@@ -194,11 +194,14 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
 
 
-def _convert_to(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """Swap every BatchNorm*d in ``module`` for ``cls``, sharing parameters and buffers (the optimizer keeps
-    pointing at the same tensors)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+def replace_batchnorm(module: nn.Module, cls: type[nn.Module],
+                      source: type[nn.Module] = nn.modules.batchnorm._BatchNorm, **kwargs: Any) -> nn.Module:
+    """Swap every ``source`` layer in ``module`` (every BatchNorm*d by default) for ``cls(num_features, eps,
+    momentum, affine, track_running_stats, **kwargs)``, sharing parameters and buffers (the optimizer keeps
+    pointing at the same tensors); layers that already are ``cls`` stay."""
+    if isinstance(module, source) and not isinstance(module, cls):
+        new = cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                  track_running_stats=module.track_running_stats, **kwargs)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var
@@ -206,12 +209,12 @@ def _convert_to(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, _convert_to(child, cls))
+        module.add_module(name, replace_batchnorm(child, cls, source, **kwargs))
     return module
 
 
 def convert_sync_batchnorm(module: M, device: torch.device) -> M:
     """BatchNorm over the global batch: ``nn.SyncBatchNorm`` on GPUs, :class:`CPUSyncBatchNorm` on CPUs."""
     if device.type == "cpu":
-        return _convert_to(module, CPUSyncBatchNorm)  # type: ignore[return-value]
+        return replace_batchnorm(module, CPUSyncBatchNorm)  # type: ignore[return-value]
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from reprlab.config import PretrainConfig, load_config
 from reprlab.hardware import cpu_flags
@@ -182,6 +183,26 @@ def test_each_lightly_twin_builds_and_takes_finite_steps(method, monkeypatch):
     encoder = twin.evaluated_encoder().eval()
     assert encoder is (twin.teacher_backbone if method == "dino" else trained)  # DINO: the teacher, as reprlab
     assert torch.isfinite(encoder(images[:2].float() / 255)).all()
+
+
+@pytest.mark.skipif(not LIGHTLY, reason="lightly (a benchmark-only extra) is not installed")
+def test_moco_v2_twin_with_split_bn_uses_lightlys_split_batchnorm_and_shuffles_the_keys(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import lightly.models.utils
+    from lightly.models.batchnorm import SplitBatchNorm
+
+    _, twin, trained = build_twin("moco_v2", {"split_bn": 2})
+    for network in (twin.backbone, twin.backbone_momentum):
+        norms = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert norms and all(type(m) is SplitBatchNorm and m.num_splits == 2 for m in norms)
+    shuffles = []
+    real = lightly.models.utils.batch_shuffle
+    monkeypatch.setattr(lightly.models.utils, "batch_shuffle", lambda x: shuffles.append(x) or real(x))
+    views = [torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)]
+    twin.train()
+    assert torch.isfinite(twin.training_loss(views, 0))
+    assert len(shuffles) == 2  # symmetric: each key view once, the queries unshuffled
+    assert twin.evaluated_encoder() is trained
 
 
 @pytest.mark.skipif(not LIGHTLY, reason="lightly (a benchmark-only extra) is not installed")

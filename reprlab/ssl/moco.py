@@ -16,8 +16,9 @@ BatchNorm: the key network runs in train mode on its own batch, as in the refere
 the whole task to SyncBatchNorm, key network included (the same layer types on both sides, so
 :func:`~reprlab.ssl.momentum.update_momentum` applies unchanged): MoCo v3 does exactly that, and for MoCo v2 global
 batch statistics take the place of its shuffling BN, which exists to keep a key from seeing its query's
-sub-batch statistics. A single process has neither, as solo-learn's one-GPU CIFAR runs (lightly's split the
-BatchNorm into 8 groups instead; not implemented here).
+sub-batch statistics. On one process MoCo v2's ``split_bn`` (:mod:`reprlab.ssl.split_bn`) stands in for the
+shuffle, as the MoCo CIFAR-10 demo and lightly's CIFAR-10 benchmark (8 groups); ``split_bn: 1`` (the default) is
+plain BatchNorm, as solo-learn's one-GPU CIFAR runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from reprlab.ssl.losses import infonce_queue_logits, moco_v3_logits, nt_xent_acc
 from reprlab.ssl.momentum import cosine_momentum, momentum_copy, update_momentum
 from reprlab.ssl.multiview import MultiViewTask, PairedViewTask, check_two_views
 from reprlab.ssl.queue import MemoryQueue
+from reprlab.ssl.split_bn import convert_split_batchnorm, shuffled_forward
 
 # MoCo v2's "aug+" (both views): crop 0.2-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 (strength 0.5
 # here), grayscale 0.2, blur p 0.5 (set blur_p 0 on 32 px images)
@@ -87,26 +89,32 @@ class MoCoV2(_MomentumKeys, MultiViewTask):
     rank holds the same queue (:class:`~reprlab.ssl.queue.MemoryQueue`, a buffer: saved and resumed). With
     ``symmetric`` (the MoCo CIFAR-10 demo, lightly, solo-learn's v2+) both views serve as queries, the loss is the
     mean of the two directions, and both views' keys are enqueued (first view's, then second's), 2 per image.
-    Logged: ``loss`` and ``acc`` (share of queries whose positive beats every queued negative).
+    ``split_bn`` > 1: every BatchNorm2d of the encoder (and so of the key encoder) normalizes ``split_bn`` groups
+    of the batch on its own, and the key network sees the batch shuffled (:mod:`reprlab.ssl.split_bn`), which
+    stops the BatchNorm shortcut on one process; the batch size must divide by it. Logged: ``loss`` and ``acc``
+    (share of queries whose positive beats every queued negative).
     """
 
     def __init__(self, encoder: Encoder, augment: ViewAugment | None = MOCO_V2_AUGMENT, temperature: float = 0.2,
                  queue_size: int = 65536, projection_dim: int = 128, hidden_dim: int = 2048,
                  base_momentum: float = 0.999, final_momentum: float = 0.999, symmetric: bool = False,
-                 gather_distributed: bool = True) -> None:
+                 split_bn: int = 1, gather_distributed: bool = True) -> None:
         projector = projection_head(encoder.feature_dim, hidden_dim, projection_dim, num_layers=2, batch_norm=False)
+        convert_split_batchnorm(encoder, split_bn)  # before the key copy, so both sides split alike
         super().__init__(encoder, projector, base_momentum, final_momentum)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.augment = augment if augment is not None else MOCO_V2_AUGMENT
         self.queue = MemoryQueue(queue_size, projection_dim)
         self.temperature, self.symmetric, self.gather_distributed = temperature, symmetric, gather_distributed
+        self.split_bn = split_bn
 
     def forward_views(self, views: list[Tensor]) -> dict[str, Tensor]:
         """InfoNCE against the queue for two already-augmented float views, each (B, C, H, W); enqueues the keys."""
         check_two_views(views, "MoCo v2")
         directions = [(0, 1), (1, 0)] if self.symmetric else [(0, 1)]  # (query view, key view)
-        keys = {k: self.keys(views[k]) for _, k in directions}  # (B, P) each
+        keys = {k: shuffled_forward(self.keys, views[k]) if self.split_bn > 1 else self.keys(views[k])
+                for _, k in directions}  # (B, P) each
         losses, hits = [], []
         for q, k in directions:
             query = self.projector(self.encoder(views[q]))  # (B, P)

@@ -209,11 +209,12 @@ class LightlySimSiam(LightlyTwin):
 class LightlyMoCoV2(MomentumTwin):
     """examples/pytorch/moco.py and the CIFAR-10 benchmark's MocoModel: ``MoCoProjectionHead`` (no BatchNorm),
     momentum copies, ``NTXentLoss(temperature, memory_bank_size=(queue_size, projection_dim))``, ``MoCoV2Transform``;
-    with reprlab's ``symmetric`` the benchmark's ``0.5 * (loss(q0, k1) + loss(q1, k0))``. Differences: lightly's
-    memory bank enqueues the first direction's keys before the second direction reads it (reprlab reads the queue
-    as it was for both), and at a wrap it drops the keys past the end of the bank when ``queue_size`` is not a
-    multiple of the batch; the benchmark's SplitBatchNorm / batch shuffle (a multi-GPU stand-in) is left out, as
-    in reprlab."""
+    with reprlab's ``symmetric`` the benchmark's ``0.5 * (loss(q0, k1) + loss(q1, k0))``; with ``split_bn`` > 1 the
+    benchmark's one-GPU shuffling BN: every BatchNorm2d of the backbone a lightly ``SplitBatchNorm`` of that many
+    groups, the key batch through ``batch_shuffle`` / ``batch_unshuffle``. Differences: lightly's memory bank
+    enqueues the first direction's keys before the second direction reads it (reprlab reads the queue as it was for
+    both), and at a wrap it drops the keys past the end of the bank when ``queue_size`` is not a multiple of the
+    batch."""
 
     def __init__(self, spec: TwinSpec) -> None:
         from lightly.loss import NTXentLoss
@@ -221,21 +222,49 @@ class LightlyMoCoV2(MomentumTwin):
         from lightly.transforms import MoCoV2Transform
 
         s, ref = spec.settings, spec.reference
+        if s["split_bn"] > 1:  # before the momentum copy, so both sides split alike
+            _lightly_split_batchnorm(spec.backbone, s["split_bn"])
         super().__init__(spec, MoCoProjectionHead(spec.feature_dim, s["hidden_dim"], s["projection_dim"]),
                          ref.base_momentum, ref.final_momentum)
+        self.split_bn = s["split_bn"]
         self.criterion = NTXentLoss(temperature=ref.temperature,
                                     memory_bank_size=(ref.queue.size, s["projection_dim"]))
         self.symmetric = ref.symmetric
         self.transform = one_pipeline_transform(MoCoV2Transform, ref.augment, spec.size, spec.normalize)
 
+    def keys(self, x: Tensor) -> Tensor:
+        """The momentum network's keys of ``x``, its batch shuffled and put back under split BN (the benchmark's)."""
+        if self.split_bn == 1:
+            return self.forward_momentum(x)
+        from lightly.models.utils import batch_shuffle, batch_unshuffle
+
+        shuffled, order = batch_shuffle(x)
+        return batch_unshuffle(self.forward_momentum(shuffled), order)
+
     def training_loss(self, views: list[Tensor], step: int) -> Tensor:
         x0, x1 = views
         query = self.projection_head(_features(self.backbone, x0))
-        loss = self.criterion(query, self.forward_momentum(x1))
+        loss = self.criterion(query, self.keys(x1))
         if not self.symmetric:
             return loss
         query1 = self.projection_head(_features(self.backbone, x1))
-        return 0.5 * (loss + self.criterion(query1, self.forward_momentum(x0)))
+        return 0.5 * (loss + self.criterion(query1, self.keys(x0)))
+
+
+def _lightly_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """``module`` with every BatchNorm2d (reprlab's split ones included) replaced by lightly's ``SplitBatchNorm``
+    (fresh statistics, the affine parameters copied), in place."""
+    from lightly.models.batchnorm import SplitBatchNorm
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm):
+            split = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+            split.weight.data.copy_(child.weight.data)
+            split.bias.data.copy_(child.bias.data)
+            module.add_module(name, split)
+        else:
+            _lightly_split_batchnorm(child, num_splits)
+    return module
 
 
 class LightlyMoCoV3(MomentumTwin):

@@ -109,7 +109,7 @@ def test_quality_benchmark_uses_each_method_config_batch_and_overrides(tmp_path)
               "--methods", "rotation", "relative_position", "--no-lightly", "--workdir", str(tmp_path / "runs"),
               "--out", str(out), "--set", "method.params.hidden_dim=64")
     result = json.loads(out.read_text().splitlines()[-1])
-    assert result["overrides"] == ["method.params.hidden_dim=64"]
+    assert result["overrides"] == ["method.params.hidden_dim=64"] and result["precision"] == "fp32"
     rows = {row["label"]: row for row in result["rows"]}
     assert set(rows) == {"random resnet18", "pixels", "reprlab rotation", "reprlab relative_position",
                          "random resnet18, patch-pooled as relative_position"}

@@ -271,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
     result = {
         "bench": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": args.data,
         "encoder": args.encoder, "cifar_stem": args.cifar_stem, "epochs": args.epochs,
-        "batch_size": args.batch_size, "overrides": args.set, "seeds": args.seeds,
+        "batch_size": args.batch_size, "precision": args.precision, "overrides": args.set, "seeds": args.seeds,
         "limit": args.limit, "eval_limit": args.eval_limit, "test_limit": args.test_limit,
         "eval_sizes": {name: len(split) for name, split in splits.items()}, "device": str(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),

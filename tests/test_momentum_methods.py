@@ -24,6 +24,7 @@ from reprlab.config import OptimConfig, PretrainConfig, load_config
 from reprlab.data.datasets import ImageSet
 from reprlab.data.loader import Batches
 from reprlab.engine import FitOptions, fit
+from reprlab.evaluate.quality import mean_cosine
 from reprlab.models.encoders import Encoder, create_encoder
 from reprlab.optim import build_optimization
 from reprlab.ssl import build_method
@@ -207,6 +208,7 @@ def test_moco_v2_uses_the_queue_then_enqueues_the_steps_keys(symmetric):
             logits = torch.cat([positive, query @ old_queue.T], dim=1) / 0.2  # (n, 1 + size)
             assert torch.allclose(out["loss"], F.cross_entropy(logits, torch.zeros(n, dtype=torch.long)), atol=1e-5)
     assert out["loss"].requires_grad and 0 <= float(out["acc"]) <= 1
+    assert float(out["key_cos"]) == pytest.approx(float(mean_cosine(keys)), abs=1e-6)  # the step's keys
 
 
 def test_moco_v2_queue_advances_every_step_of_fit_and_is_in_the_checkpoint(tmp_path):

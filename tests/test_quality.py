@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from reprlab.evaluate.quality import alignment, effective_rank, embedding_std, quality_report, uniformity
+from reprlab.evaluate.quality import (
+    alignment,
+    effective_rank,
+    embedding_std,
+    mean_cosine,
+    quality_report,
+    uniformity,
+)
 
 
 def gaussian(num: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -29,6 +36,18 @@ def test_alignment_and_uniformity_match_loops():
     pairs = [float((a - b).norm()) ** 2 for a, b in itertools.combinations(unit1, 2)]  # distinct pairs only
     expected_uniformity = math.log(sum(math.exp(-2 * d) for d in pairs) / len(pairs))
     assert uniformity(z1) == pytest.approx(expected_uniformity, rel=1e-5)
+
+
+def test_mean_cosine_matches_a_loop_over_distinct_pairs():
+    z = gaussian(9, 5, seed=4) + 0.5  # a shared offset, so the mean is well away from 0
+    unit = [row / row.norm() for row in z.double()]
+    pairs = [float(a @ b) for a, b in itertools.combinations(unit, 2)]
+    assert float(mean_cosine(z)) == pytest.approx(sum(pairs) / len(pairs), rel=1e-5)
+    ray = torch.rand(7, 1) * gaussian(1, 5)  # one direction, norms differ
+    assert float(mean_cosine(ray)) == pytest.approx(1.0, abs=1e-6)
+    assert float(mean_cosine(torch.eye(6))) == pytest.approx(0.0, abs=1e-7)  # orthogonal rows
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        mean_cosine(gaussian(1, 5))
 
 
 def test_collapsed_embeddings():

@@ -56,6 +56,17 @@ def embedding_std(z: Tensor | np.ndarray) -> float:
     return float(z.std(dim=0).mean())
 
 
+def mean_cosine(z: Tensor) -> Tensor:
+    """Mean cosine similarity over the distinct pairs of rows of z (N, D), as a 0-dim tensor (a per-step signal
+    the loop logs without a host sync): 1 when every row points the same way (collapsed to one ray, even where
+    the norms differ), about 0 for well-spread rows. O(N * D): the norm of the sum of the unit rows."""
+    if z.shape[0] < 2:
+        raise ValueError(f"mean_cosine needs at least 2 samples, got {z.shape[0]}")
+    unit = torch.nn.functional.normalize(z.detach().float(), dim=1)
+    total, n = unit.sum(dim=0), unit.shape[0]
+    return (total @ total - n) / (n * (n - 1))  # sum over all pairs minus the n self-pairs of cosine 1
+
+
 def quality_report(
     z: Tensor | np.ndarray,
     z_other_view: Tensor | np.ndarray | None = None,

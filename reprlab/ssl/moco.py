@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
+from reprlab.evaluate.quality import mean_cosine
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
 from reprlab.ssl.byol import BYOL_AUGMENT, BYOL_AUGMENT2
@@ -91,8 +92,11 @@ class MoCoV2(_MomentumKeys, MultiViewTask):
     mean of the two directions, and both views' keys are enqueued (first view's, then second's), 2 per image.
     ``split_bn`` > 1: every BatchNorm2d of the encoder (and so of the key encoder) normalizes ``split_bn`` groups
     of the batch on its own, and the key network sees the batch shuffled (:mod:`reprlab.ssl.split_bn`), which
-    stops the BatchNorm shortcut on one process; the batch size must divide by it. Logged: ``loss`` and ``acc``
-    (share of queries whose positive beats every queued negative).
+    stops the BatchNorm shortcut on one process; the batch size must divide by it. Logged: ``loss``, ``acc``
+    (share of queries whose positive beats every queued negative) and ``key_cos``, the mean cosine between the
+    step's keys: it rises to 1 when the keys collapse onto one ray, a state the loss (then at its chance value
+    log(1 + queue_size)) gives no gradient to leave. On short runs that happens in the first steps unless the
+    learning rate warms up (moco_v2_cifar10.yaml warms up for an epoch; README, MoCo v2).
     """
 
     def __init__(self, encoder: Encoder, augment: ViewAugment | None = MOCO_V2_AUGMENT, temperature: float = 0.2,
@@ -124,7 +128,8 @@ class MoCoV2(_MomentumKeys, MultiViewTask):
         # after the loss: the logits hold a copy of the queue, so the in-place write leaves backward intact
         self.queue.enqueue(torch.cat([F.normalize(keys[k].float(), dim=1) for k in sorted(keys)]),
                            gather=self.gather_distributed)
-        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(hits).mean()}
+        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(hits).mean(),
+                "key_cos": mean_cosine(torch.cat([keys[k] for k in sorted(keys)]))}
 
 
 class MoCoV3(_MomentumKeys, PairedViewTask):

@@ -62,7 +62,7 @@ def mean_cosine(z: Tensor) -> Tensor:
     the norms differ), about 0 for well-spread rows. O(N * D): the norm of the sum of the unit rows."""
     if z.shape[0] < 2:
         raise ValueError(f"mean_cosine needs at least 2 samples, got {z.shape[0]}")
-    unit = torch.nn.functional.normalize(z.detach().float(), dim=1)
+    unit = normalize_features(z.detach())
     total, n = unit.sum(dim=0), unit.shape[0]
     return (total @ total - n) / (n * (n - 1))  # sum over all pairs minus the n self-pairs of cosine 1
 

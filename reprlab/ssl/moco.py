@@ -126,10 +126,9 @@ class MoCoV2(_MomentumKeys, MultiViewTask):
             losses.append(F.cross_entropy(logits, positive))
             hits.append(nt_xent_accuracy(logits, positive))
         # after the loss: the logits hold a copy of the queue, so the in-place write leaves backward intact
-        self.queue.enqueue(torch.cat([F.normalize(keys[k].float(), dim=1) for k in sorted(keys)]),
-                           gather=self.gather_distributed)
-        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(hits).mean(),
-                "key_cos": mean_cosine(torch.cat([keys[k] for k in sorted(keys)]))}
+        unit_keys = torch.cat([F.normalize(keys[k].float(), dim=1) for k in sorted(keys)])
+        self.queue.enqueue(unit_keys, gather=self.gather_distributed)
+        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(hits).mean(), "key_cos": mean_cosine(unit_keys)}
 
 
 class MoCoV3(_MomentumKeys, PairedViewTask):

@@ -134,18 +134,18 @@ SHRINK = {"hidden_dim": 32, "projection_dim": 16, "out_dim": 32, "bottleneck_dim
 def build_twin(method: str, overrides: dict | None = None, total_steps: int = 4):
     """A method's CIFAR-10 config at toy widths (plus ``overrides``) -> (its config, lightly's twin of it, the
     encoder the twin trains)."""
-    from bench import peer_methods
+    from bench import peer_methods, peer_parts
 
     from reprlab.models.encoders import create_encoder
     from reprlab.ssl import build_method
 
     cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml")
-    defaults = peer_methods.method_settings(method, {})
+    defaults = peer_parts.method_settings(method, {})
     params = {**cfg.method.params, **{k: v for k, v in SHRINK.items() if k in defaults}, **(overrides or {})}
     torch.manual_seed(0)
     encoder = create_encoder("timm:test_resnet")
     reference = build_method(method, encoder, params)
-    spec = peer_methods.TwinSpec(encoder, encoder.feature_dim, peer_methods.method_settings(method, params),
+    spec = peer_parts.TwinSpec(encoder, encoder.feature_dim, peer_parts.method_settings(method, params),
                                  reference, 16, False, total_steps)
     return cfg, peer_methods.build_twin(method, spec), encoder
 
@@ -154,7 +154,7 @@ def build_twin(method: str, overrides: dict | None = None, total_steps: int = 4)
 @pytest.mark.parametrize("method", TWIN_METHODS)
 def test_each_lightly_twin_builds_and_takes_finite_steps(method, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from bench import peer_methods, peers
+    from bench import peer_methods, peer_parts, peers
 
     from reprlab.optim import build_optimization
 
@@ -164,7 +164,7 @@ def test_each_lightly_twin_builds_and_takes_finite_steps(method, monkeypatch):
     cfg, twin, trained = build_twin(method, local)
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     loader = peers.per_sample_loader(peers.PerSampleViews(images, None, twin.transform), 4, 0, seed=0)
-    optimizer, scheduler = build_optimization(peer_methods.rescaled_optim(cfg.optim, twin.optim_scale), twin, 4,
+    optimizer, scheduler = build_optimization(peer_parts.rescaled_optim(cfg.optim, twin.optim_scale), twin, 4,
                                               len(loader), 1)
     step = peers.twin_step(twin, optimizer, torch.device("cpu"), scheduler)
     before = {name: p.detach().clone() for name, p in twin.named_parameters()}
@@ -220,7 +220,7 @@ def test_lightly_twins_refuse_settings_lightly_cannot_express(monkeypatch):
 
 def test_moco_v3_twin_loss_is_reprlabs_moco_v3_loss_not_nt_xent(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from bench.peer_methods import moco_v3_ctr
+    from bench.peer_momentum import moco_v3_ctr
 
     from reprlab.ssl.losses import moco_v3_loss, nt_xent_loss
 
@@ -232,7 +232,7 @@ def test_moco_v3_twin_loss_is_reprlabs_moco_v3_loss_not_nt_xent(monkeypatch):
 
 def test_rescaled_optimizer_gives_a_smaller_loss_the_same_updates(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from bench.peer_methods import rescaled_optim
+    from bench.peer_parts import rescaled_optim
 
     from reprlab.config import OptimConfig
 

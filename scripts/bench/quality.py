@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from bench import peer_methods, peers
+from bench import peer_methods, peer_parts, peers
 from bench.common import append_jsonl
 from bench.quality_table import format_table, summarize_rows
 
@@ -151,14 +151,14 @@ def train_lightly(method: str, args: argparse.Namespace, seed: int) -> tuple[tor
     with torch.random.fork_rng(devices=[]):  # reprlab's method for its settings only: no numbers drawn here
         reference = build_method(method, encoder, params)
     total_steps = (len(data.train) // batch_size) * args.epochs  # drop_last batches, as the loader below
-    spec = peer_methods.TwinSpec(encoder, encoder.feature_dim, peer_methods.method_settings(method, params),
+    spec = peer_parts.TwinSpec(encoder, encoder.feature_dim, peer_parts.method_settings(method, params),
                                  reference, data.train.images.shape[-1], False, max(total_steps, 1))
     twin = peer_methods.build_twin(method, spec)
     del reference
     loader = peers.per_sample_loader(peers.PerSampleViews(data.train.images, None, twin.transform), batch_size,
                                      args.lightly_workers, seed=seed, persistent=True)
     twin = twin.to(device)
-    optim = peer_methods.rescaled_optim(cfg.optim, twin.optim_scale)
+    optim = peer_parts.rescaled_optim(cfg.optim, twin.optim_scale)
     optimizer, scheduler = build_optimization(optim, twin, batch_size, len(loader), args.epochs)
     precision = resolve_numerics(args.precision, False, device, encoder).precision  # auto as reprlab's runs
     step = peers.twin_step(twin, optimizer, device, scheduler, precision, cfg.train.grad_clip)

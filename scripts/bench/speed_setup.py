@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench import peer_methods, peers
+from bench import peer_methods, peer_parts, peers
 from bench.common import REPO_ROOT, PeakMemory, append_jsonl, forward_flops, log, summarize, sync, tune_glibc_malloc
 from reprlab.config import OptimConfig, PretrainConfig, load_config
 from reprlab.cpu_bf16_convs import guard_cpu_bf16_convs
@@ -277,8 +277,8 @@ def build_lightly_twin(args: argparse.Namespace, method_name: str) -> peers.Ligh
     with torch.random.fork_rng(devices=[]):  # reprlab's method for its settings only
         reference = build_method(method_name, create_encoder(args.encoder, **encoder_kwargs(args)), params)
     torch.manual_seed(args.seed)
-    spec = peer_methods.TwinSpec(peers.torchvision_resnet18(args.cifar_stem), 512,
-                                 peer_methods.method_settings(method_name, params), reference, args.image_size,
+    spec = peer_parts.TwinSpec(peers.torchvision_resnet18(args.cifar_stem), 512,
+                                 peer_parts.method_settings(method_name, params), reference, args.image_size,
                                  True, HORIZON)
     return peer_methods.build_twin(method_name, spec)
 

@@ -146,7 +146,7 @@ def build_twin(method: str, overrides: dict | None = None, total_steps: int = 4)
     encoder = create_encoder("timm:test_resnet")
     reference = build_method(method, encoder, params)
     spec = peer_parts.TwinSpec(encoder, encoder.feature_dim, peer_parts.method_settings(method, params),
-                                 reference, 16, False, total_steps)
+                               reference, 16, False, total_steps)
     return cfg, peer_methods.build_twin(method, spec), encoder
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from reprlab.contracts import Task
 from reprlab.data.views import ViewAugment
+from reprlab.evaluate.knn import normalize_features
 from reprlab.evaluate.quality import mean_cosine
 from reprlab.models.encoders import Encoder
 from reprlab.models.heads import projection_head
@@ -126,7 +127,7 @@ class MoCoV2(_MomentumKeys, MultiViewTask):
             losses.append(F.cross_entropy(logits, positive))
             hits.append(nt_xent_accuracy(logits, positive))
         # after the loss: the logits hold a copy of the queue, so the in-place write leaves backward intact
-        unit_keys = torch.cat([F.normalize(keys[k].float(), dim=1) for k in sorted(keys)])
+        unit_keys = normalize_features(torch.cat([keys[k] for k in sorted(keys)]))  # float32 unit rows
         self.queue.enqueue(unit_keys, gather=self.gather_distributed)
         return {"loss": torch.stack(losses).mean(), "acc": torch.stack(hits).mean(), "key_cos": mean_cosine(unit_keys)}
 

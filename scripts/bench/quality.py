@@ -152,7 +152,7 @@ def train_lightly(method: str, args: argparse.Namespace, seed: int) -> tuple[tor
         reference = build_method(method, encoder, params)
     total_steps = (len(data.train) // batch_size) * args.epochs  # drop_last batches, as the loader below
     spec = peer_parts.TwinSpec(encoder, encoder.feature_dim, peer_parts.method_settings(method, params),
-                                 reference, data.train.images.shape[-1], False, max(total_steps, 1))
+                               reference, data.train.images.shape[-1], False, max(total_steps, 1))
     twin = peer_methods.build_twin(method, spec)
     del reference
     loader = peers.per_sample_loader(peers.PerSampleViews(data.train.images, None, twin.transform), batch_size,

@@ -278,8 +278,8 @@ def build_lightly_twin(args: argparse.Namespace, method_name: str) -> peers.Ligh
         reference = build_method(method_name, create_encoder(args.encoder, **encoder_kwargs(args)), params)
     torch.manual_seed(args.seed)
     spec = peer_parts.TwinSpec(peers.torchvision_resnet18(args.cifar_stem), 512,
-                                 peer_parts.method_settings(method_name, params), reference, args.image_size,
-                                 True, HORIZON)
+                               peer_parts.method_settings(method_name, params), reference, args.image_size,
+                               True, HORIZON)
     return peer_methods.build_twin(method_name, spec)
 
 

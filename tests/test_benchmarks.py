@@ -164,8 +164,7 @@ def test_each_lightly_twin_builds_and_takes_finite_steps(method, monkeypatch):
     cfg, twin, trained = build_twin(method, local)
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     loader = peers.per_sample_loader(peers.PerSampleViews(images, None, twin.transform), 4, 0, seed=0)
-    optimizer, scheduler = build_optimization(peer_parts.rescaled_optim(cfg.optim, twin.optim_scale), twin, 4,
-                                              len(loader), 1)
+    optimizer, scheduler = build_optimization(cfg.optim, twin, 4, len(loader), 1)
     step = peers.twin_step(twin, optimizer, torch.device("cpu"), scheduler)
     before = {name: p.detach().clone() for name, p in twin.named_parameters()}
     twin.train()
@@ -230,18 +229,35 @@ def test_moco_v3_twin_loss_is_reprlabs_moco_v3_loss_not_nt_xent(monkeypatch):
     assert abs(float(moco_v3_ctr(q, k, 0.2)) - float(nt_xent)) > 1e-3
 
 
-def test_rescaled_optimizer_gives_a_smaller_loss_the_same_updates(monkeypatch):
+def test_twin_loss_scale_gives_reprlabs_updates_under_lars_with_unadapted_bias_and_bn(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from bench.peer_parts import rescaled_optim
+    from bench import peers
 
     from reprlab.config import OptimConfig
+    from reprlab.optim import build_optimization
 
-    sgd = rescaled_optim(OptimConfig(name="sgd", lr=0.03, weight_decay=2e-3), 4.0)
-    assert (sgd.lr, sgd.weight_decay) == pytest.approx((0.12, 5e-4))  # lightly's CIFAR-10 SGD for BYOL
-    lars = rescaled_optim(OptimConfig(name="lars", lr=0.6, weight_decay=1e-4), 4.0)
-    assert (lars.lr, lars.weight_decay) == pytest.approx((0.6, 2.5e-5))  # the trust ratio cancels the scale
-    with pytest.raises(ValueError, match="cannot rescale optimizer 'adamw'"):
-        rescaled_optim(OptimConfig(name="adamw", lr=1e-3), 4.0)
+    class Twin(peers.LightlyTwin):  # lightly's loss is 1 / scale of reprlab's
+        def __init__(self, scale: float, loss_scale: float) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+            self.scale, self.loss_scale = scale, loss_scale
+
+        def training_loss(self, views, step):
+            return self.net(views[0]).pow(2).mean() / self.scale
+
+    optim = OptimConfig(name="lars", lr=0.3, weight_decay=1e-4, warmup_epochs=0)  # excludes bias and BN
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    params = []
+    for twin in (Twin(1.0, 1.0), Twin(4.0, 4.0), Twin(4.0, 1.0)):
+        optimizer, scheduler = build_optimization(optim, twin, 8, 3, 1)
+        step = peers.twin_step(twin, optimizer, torch.device("cpu"), scheduler)
+        for _ in range(3):
+            step(x)
+        params.append(torch.cat([p.detach().flatten() for p in twin.parameters()]))
+    reprlab, scaled, unscaled = params
+    assert torch.allclose(scaled, reprlab, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(unscaled, reprlab, rtol=1e-4, atol=1e-6)  # the bias and BN steps differ without it
 
 
 @pytest.mark.slow

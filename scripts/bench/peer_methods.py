@@ -13,9 +13,10 @@ differences are listed per builder. Common to all:
   base, final)``: reprlab's per-step cosine (lightly's examples evaluate it per epoch).
 - The transforms (bench.peer_transforms) take reprlab's pipelines' strengths, colour jitter included.
 - Each view goes through the networks on its own (BatchNorm statistics per view, as lightly's examples).
-- ``optim_scale`` (bench.peers.LightlyTwin): where reprlab's loss has another scale than lightly's, the twin's
-  optimizer is reprlab's rescaled by ``bench.peer_parts.rescaled_optim`` so both take the same updates (BYOL: reprlab's
-  summed normalized MSE has 4x the gradient of lightly's halved negative cosine).
+- ``loss_scale`` (bench.peers.LightlyTwin): where reprlab's loss has another scale than lightly's, the twin's
+  loss is multiplied by the ratio, so both take the same gradients and, with reprlab's optimizer, the same updates
+  (BYOL: reprlab's summed normalized MSE is 4x lightly's halved negative cosine, up to a constant; Barlow Twins:
+  reprlab's ``loss_scale``).
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ class LightlySimSiam(LightlyTwin):
 class LightlyPair(LightlyTwin):
     """A backbone + projection head and a loss on the two views' projections (Barlow Twins, VICReg)."""
 
-    def __init__(self, spec: TwinSpec, projection_head: nn.Module, criterion: nn.Module, scale: float = 1.0) -> None:
+    def __init__(self, spec: TwinSpec, projection_head: nn.Module, criterion: nn.Module,
+                 loss_scale: float = 1.0) -> None:
         super().__init__()
         self.backbone, self.projection_head, self.criterion = spec.backbone, projection_head, criterion
-        self.optim_scale = scale
+        self.loss_scale = loss_scale
         ref = spec.reference
         self.transform = two_pipeline_transform(ref.augment, ref.augment2, spec.size, spec.normalize)
 
@@ -95,7 +97,7 @@ class LightlyPair(LightlyTwin):
 def build_barlow_twins(spec: TwinSpec) -> LightlyTwin:
     """examples/pytorch/barlowtwins.py: ``BarlowTwinsProjectionHead`` (3 layers; another ``num_layers`` as a
     ``ProjectionHead`` of the same blocks), ``BarlowTwinsLoss(lambda_param)``, ``BYOLTransform`` with reprlab's
-    pipelines; reprlab's ``loss_scale`` becomes ``optim_scale``."""
+    pipelines; reprlab's ``loss_scale`` as the twin's."""
     from lightly.loss import BarlowTwinsLoss
     from lightly.models.modules import BarlowTwinsProjectionHead
 
@@ -106,7 +108,7 @@ def build_barlow_twins(spec: TwinSpec) -> LightlyTwin:
         dims = [spec.feature_dim] + [s["hidden_dim"]] * (s["num_layers"] - 1)
         head = mlp([*[(i, o, True, nn.ReLU()) for i, o in zip(dims, dims[1:])],
                     (dims[-1], s["projection_dim"], False, None)])
-    return LightlyPair(spec, head, BarlowTwinsLoss(lambda_param=ref.lambda_offdiag), scale=ref.loss_scale)
+    return LightlyPair(spec, head, BarlowTwinsLoss(lambda_param=ref.lambda_offdiag), loss_scale=ref.loss_scale)
 
 
 def build_vicreg(spec: TwinSpec) -> LightlyTwin:

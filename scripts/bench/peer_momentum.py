@@ -65,9 +65,9 @@ class MomentumTwin(LightlyTwin):
 class LightlyBYOL(MomentumTwin):
     """examples/pytorch/byol.py: ``BYOLProjectionHead`` / ``BYOLPredictionHead`` (reprlab's ``hidden_dim``,
     ``projection_dim``), momentum copies of backbone and projector, ``BYOLTransform`` with reprlab's two
-    pipelines, loss ``0.5 * (NCS(p0, z1) + NCS(p1, z0))`` (``optim_scale`` 4: module docstring)."""
+    pipelines, loss ``0.5 * (NCS(p0, z1) + NCS(p1, z0))`` (``loss_scale`` 4: bench.peer_methods' docstring)."""
 
-    optim_scale = 4.0
+    loss_scale = 4.0
 
     def __init__(self, spec: TwinSpec) -> None:
         from lightly.loss import NegativeCosineSimilarity

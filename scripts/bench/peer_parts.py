@@ -1,10 +1,8 @@
 """What every lightly twin is built from (bench.peer_methods, bench.peer_momentum): :class:`TwinSpec`, reprlab's
-settings and optimizer for a twin (:func:`method_settings`, :func:`rescaled_optim`), and the small helpers the
-twins share (:func:`mlp`, :func:`features`)."""
+settings for a twin (:func:`method_settings`), and the small helpers the twins share (:func:`mlp`, :func:`features`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -35,18 +33,6 @@ def method_settings(method: str, params: dict[str, Any] | None) -> dict[str, Any
 
     signature = inspect.signature(METHODS[method]).parameters
     return {**{k: p.default for k, p in signature.items() if k != "encoder"}, **dict(params or {})}
-
-
-def rescaled_optim(optim: Any, scale: float) -> Any:
-    """reprlab's ``optim:`` section for a loss whose gradient is ``1 / scale`` of reprlab's: the same updates.
-    SGD: lr x scale, weight decay / scale; LARS (its trust ratio cancels a gradient scale): weight decay / scale."""
-    if scale == 1.0:
-        return optim
-    if optim.name == "sgd":
-        return dataclasses.replace(optim, lr=optim.lr * scale, weight_decay=optim.weight_decay / scale)
-    if optim.name == "lars":
-        return dataclasses.replace(optim, weight_decay=optim.weight_decay / scale)
-    raise ValueError(f"cannot rescale optimizer {optim.name!r} to a loss {scale}x smaller; use sgd or lars")
 
 
 def mlp(blocks: list[tuple[int, int, bool, nn.Module | None]]) -> nn.Module:

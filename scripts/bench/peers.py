@@ -169,12 +169,13 @@ class LightlyTwin(nn.Module):
     :meth:`before_forward` runs first in each step (lightly's examples move momentum networks there),
     :meth:`training_loss` maps the step's views to the loss, :meth:`after_backward` runs between backward and the
     optimizer step (DINO cancels its last layer's gradients there). ``step`` counts the optimizer steps done
-    (0-based), ``total_steps`` is the run's total (the momentum schedule's horizon). ``optim_scale``: reprlab's
-    gradient over this loss's gradient for the same batch, so a benchmark can give both the same updates
-    (bench.peer_methods.rescaled_optim). :meth:`evaluated_encoder` is the network a benchmark scores."""
+    (0-based), ``total_steps`` is the run's total (the momentum schedule's horizon). ``loss_scale``: reprlab's
+    loss over this loss for the same batch; :func:`twin_step` multiplies the loss by it, so that both take the
+    same gradients, hence the same updates under any optimizer (LARS's unadapted bias and BN parameters too).
+    :meth:`evaluated_encoder` is the network a benchmark scores."""
 
     transform: Callable | None = None
-    optim_scale: float = 1.0
+    loss_scale: float = 1.0
     total_steps: int = 1
 
     def before_forward(self, step: int) -> None:
@@ -209,7 +210,7 @@ class PairTwin(LightlyTwin):
 def twin_step(twin: LightlyTwin, optimizer: torch.optim.Optimizer, device: torch.device, scheduler: Any = None,
               precision: str = "fp32", grad_clip: float | None = None) -> Callable[..., Tensor]:
     """lightly's training step on the views of one batch, ``step(*views)``: ``before_forward``, the loss (bf16
-    autocast with ``precision="bf16"``), backward, ``after_backward``, gradient clipping to a global norm of
+    autocast with ``precision="bf16"``) times the twin's ``loss_scale``, backward, ``after_backward``, gradient clipping to a global norm of
     ``grad_clip`` (when given, as reprlab's loop clips), optimizer step (and ``scheduler`` step, when given); no
     host sync. The step count the hooks see starts at 0 and advances with every call."""
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -222,6 +223,8 @@ def twin_step(twin: LightlyTwin, optimizer: torch.optim.Optimizer, device: torch
         twin.before_forward(index)
         with amp:
             loss = twin.training_loss(views_on_device, index)
+            if twin.loss_scale != 1.0:
+                loss = loss * twin.loss_scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         twin.after_backward(index)

@@ -158,14 +158,13 @@ def train_lightly(method: str, args: argparse.Namespace, seed: int) -> tuple[tor
     loader = peers.per_sample_loader(peers.PerSampleViews(data.train.images, None, twin.transform), batch_size,
                                      args.lightly_workers, seed=seed, persistent=True)
     twin = twin.to(device)
-    optim = peer_parts.rescaled_optim(cfg.optim, twin.optim_scale)
-    optimizer, scheduler = build_optimization(optim, twin, batch_size, len(loader), args.epochs)
+    optimizer, scheduler = build_optimization(cfg.optim, twin, batch_size, len(loader), args.epochs)
     precision = resolve_numerics(args.precision, False, device, encoder).precision  # auto as reprlab's runs
     step = peers.twin_step(twin, optimizer, device, scheduler, precision, cfg.train.grad_clip)
     wall = peers.train_lightly(twin, step, loader, args.epochs, progress=args.progress, name=method)
     return twin.evaluated_encoder().eval(), wall, {
         "lightly": peers.lightly_version(), "workers": args.lightly_workers, "batch_size": batch_size,
-        "optim": dataclasses.asdict(optim), "twin": type(twin).__name__}
+        "optim": dataclasses.asdict(cfg.optim), "twin": type(twin).__name__}
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
